@@ -1,0 +1,176 @@
+"""The evicting cache against the unmodified model and against a full cache that masks evicted entries."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from caote import METHODS, EvictingCache, EvictionConfig, hf
+from caote.cache import EvictingLayer
+from caote.generation import prefill
+from conftest import tiny_llama
+from reference import masked_reference
+
+EVICTING = [m for m in METHODS if m != "full"]
+
+
+def _steps(prompt_len, block, decode, seed=0):
+    """Token blocks: the prompt in ``block``-sized chunks, then ``decode`` single tokens (teacher forced)."""
+    ids = torch.randint(0, 128, (1, prompt_len + decode), generator=torch.Generator().manual_seed(seed))
+    blocks = [ids[:, s : min(s + block, prompt_len)] for s in range(0, prompt_len, block)]
+    return blocks + [ids[:, prompt_len + i : prompt_len + i + 1] for i in range(decode)]
+
+
+def _run(model, cache, steps):
+    with torch.inference_mode():
+        return [hf.forward(model, step, cache).logits for step in steps]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_at_least_sequence_reproduces_unmodified_model(tiny_model, method):
+    steps = _steps(prompt_len=37, block=8, decode=6)
+    total = sum(s.shape[1] for s in steps)
+    tiny_model.set_attn_implementation("sdpa")
+    expected = torch.cat(_run(tiny_model, DynamicCache(), steps), dim=1)
+    cache = EvictingCache(tiny_model, budget=total if method != "full" else None, method=method, block_size=8)
+    got = torch.cat(_run(tiny_model, cache, steps), dim=1)
+    assert cache.evicted_tokens == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", EVICTING)
+@pytest.mark.parametrize("budget,block", [(12, 5), (9, 16)])
+def test_evicting_cache_matches_masked_full_cache_reference(tiny_model, method, budget, block):
+    sinks = 2 if method in ("streaming", "tova+caote") else None
+    config = EvictionConfig(budget=budget, method=method, block_size=block, sink_tokens=sinks,
+                            recent_window=3 if method.startswith("h2o") else None, snapkv_window=4)
+    steps = _steps(prompt_len=41, block=block, decode=7, seed=budget)
+    with masked_reference(tiny_model, config) as ref:
+        expected = []
+        for step in steps:
+            with torch.inference_mode():
+                logits = hf.forward(tiny_model, step, ref.cache).logits
+            expected.append((logits, ref.kept_positions(0), ref.kept_positions(1)))
+    cache = EvictingCache(tiny_model, config=config)
+    seen = 0
+    for step, (logits_ref, kept0, kept1) in zip(steps, expected):
+        with torch.inference_mode():
+            logits = hf.forward(tiny_model, step, cache).logits
+        seen += step.shape[1]
+        torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+        for layer, kept in zip(cache.layers, (kept0, kept1)):
+            assert layer.positions.tolist() == kept
+            # invariants: bounded, same count per head, positions strictly increasing, absolute positions right
+            assert layer.stored == min(seen, budget)
+            assert layer.peak_stored <= budget + block
+            assert (layer.positions.diff(dim=-1) > 0).all()
+            assert layer.seen == seen and int(layer.positions.max()) < seen
+
+
+def test_peak_storage_is_bounded_for_any_prompt_length(tiny_model):
+    for length in (1, 64, 257, 700):
+        cache = EvictingCache(tiny_model, budget=32, method="snapkv+fastcaote", block_size=16)
+        prefill(tiny_model, torch.randint(0, 128, (1, length)), cache)
+        assert cache.peak_stored_tokens == min(length, 32 + 16) or cache.peak_stored_tokens <= 48
+        assert cache.stored_tokens == min(length, 32)
+        assert all(layer.capacity <= 48 for layer in cache.layers)
+        assert cache.peak_kv_bytes() <= 48 * cache.layers[0].entry_bytes() * len(cache.layers)
+
+
+def test_whole_prompt_in_one_forward_grows_then_shrinks_back(tiny_model):
+    cache = EvictingCache(tiny_model, budget=16, method="caote", block_size=4)
+    with torch.inference_mode():
+        hf.forward(tiny_model, torch.randint(0, 128, (1, 50)), cache)
+    assert cache.stored_tokens == 16 and all(layer.capacity == 20 for layer in cache.layers)
+
+
+def test_decode_eviction_moves_only_entries_after_the_evicted_one():
+    config = EvictionConfig(budget=6, method="tova")
+    layer = EvictingLayer(config)
+    keys = torch.arange(7.0).view(1, 1, 7, 1).expand(1, 2, 7, 3).contiguous()
+    layer.update(keys, keys.clone())
+    hf._take_pending(layer.keys)
+    buffer = layer._keys
+    layer.compact(torch.tensor([[[0, 1, 2, 3, 5, 6], [0, 1, 2, 3, 4, 6]]]))
+    assert layer._keys is buffer  # no reallocation
+    assert layer.positions.tolist() == [[[0, 1, 2, 3, 5, 6], [0, 1, 2, 3, 4, 6]]]
+    assert layer.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 6]
+    assert layer.keys[0, 1, :, 0].tolist() == [0, 1, 2, 3, 4, 6]
+
+
+def test_model_generate_with_evicting_cache_matches_manual_loop(tiny_model):
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = EvictingCache(tiny_model, budget=16, method="h2o+caote", block_size=8)
+    out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, prefill_chunk_size=8,
+                              max_new_tokens=6, do_sample=False)
+    manual = EvictingCache(tiny_model, budget=16, method="h2o+caote", block_size=8)
+    logits = prefill(tiny_model, ids, manual)
+    tokens = []
+    for _ in range(6):
+        tokens.append(int(logits[0, -1].argmax()))
+        with torch.inference_mode():
+            logits = hf.forward(tiny_model, torch.tensor([[tokens[-1]]]), manual).logits
+    assert out[0, 40:].tolist() == tokens
+    assert cache.stored_tokens == 16 and cache.seen_tokens == 45
+
+
+def test_bfloat16_runs_and_scores_in_float32():
+    model = tiny_llama().to(torch.bfloat16)
+    cache = EvictingCache(model, budget=10, method="caote", block_size=4)
+    logits = prefill(model, torch.randint(0, 128, (1, 30)), cache)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.stored_tokens == 10
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_supported_families_match_the_masked_reference(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               head_dim=16, sliding_window=None, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    config = EvictionConfig(budget=10, method="caote", block_size=6)
+    steps = _steps(prompt_len=25, block=6, decode=3)
+    with masked_reference(model, config) as ref:
+        expected = _run(model, ref.cache, steps)
+    got = _run(model, EvictingCache(model, config=config), steps)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="gemma3_text"):
+        EvictingCache(Gemma3ForCausalLM(cfg), budget=8)
+
+
+def test_padding_is_refused(tiny_model):
+    cache = EvictingCache(tiny_model, budget=8, method="tova")
+    ids = torch.randint(0, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="padded"):
+        tiny_model(input_ids=ids, attention_mask=mask, cache=cache)
+
+
+def test_equal_length_batch_evicts_per_sequence(tiny_model):
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(5))
+    batched = EvictingCache(tiny_model, budget=10, method="caote", block_size=7)
+    logits = prefill(tiny_model, ids, batched, logits_to_keep=0)
+    for row in range(2):
+        single = EvictingCache(tiny_model, budget=10, method="caote", block_size=7)
+        torch.testing.assert_close(prefill(tiny_model, ids[row : row + 1], single, logits_to_keep=0), logits[row : row + 1],
+                                   atol=1e-5, rtol=1e-5)
+        assert single.layers[1].positions[0].tolist() == batched.layers[1].positions[row].tolist()
+
+
+def test_attention_implementation_changed_behind_the_cache_is_an_error(tiny_model):
+    cache = EvictingCache(tiny_model, budget=8)
+    tiny_model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="attn_implementation"):
+        hf.forward(tiny_model, torch.randint(0, 128, (1, 12)), cache)
+    hf._pending.entry = None
