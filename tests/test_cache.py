@@ -70,7 +70,7 @@ def test_peak_storage_is_bounded_for_any_prompt_length(tiny_model):
     for length in (1, 64, 257, 700):
         cache = EvictingCache(tiny_model, budget=32, method="snapkv+fastcaote", block_size=16)
         prefill(tiny_model, torch.randint(0, 128, (1, length)), cache)
-        assert cache.peak_stored_tokens == min(length, 32 + 16) or cache.peak_stored_tokens <= 48
+        assert cache.peak_stored_tokens == min(length, 32 + 16)
         assert cache.stored_tokens == min(length, 32)
         assert all(layer.capacity <= 48 for layer in cache.layers)
         assert cache.peak_kv_bytes() <= 48 * cache.layers[0].entry_bytes() * len(cache.layers)

@@ -1,0 +1,112 @@
+"""Needle-in-a-haystack grid: positions, lengths, determinism and scoring (tokenizer only, no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from caote.eval.needle import (
+    count_tokens,
+    depth_grid,
+    format_prompt,
+    make_needle_samples,
+    needle_recovered,
+)
+
+SMOL = Path("/tmp/smol")
+LENGTHS = [2000, 4000]
+DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not (SMOL / "tokenizer.json").exists():
+        pytest.skip(f"no SmolLM2 tokenizer at {SMOL}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SMOL))
+
+
+@pytest.fixture(scope="module")
+def grid(tokenizer):
+    return make_needle_samples(tokenizer, LENGTHS, DEPTHS, seed=0)
+
+
+def test_grid_shape(grid):
+    assert [(s.context_length, s.depth) for s in grid] == [(L, d) for L in LENGTHS for d in DEPTHS]
+
+
+def test_prompt_length_matches_request(tokenizer, grid):
+    for s in grid:
+        n = count_tokens(tokenizer, s.prompt)
+        assert n == s.prompt_tokens
+        assert abs(n - s.context_length) <= 2, (s.context_length, s.depth, n)
+
+
+def test_needle_at_requested_depth(tokenizer, grid):
+    for s in grid:
+        ids = tokenizer.encode(s.context, add_special_tokens=False)
+        char = s.context.index(s.needle)
+        idx = len(tokenizer.encode(s.context[:char], add_special_tokens=False))
+        assert abs(idx - s.context_needle_start) <= 1
+        assert abs(idx - s.depth * len(ids)) <= 0.02 * len(ids), (s.context_length, s.depth, idx, len(ids))
+
+
+def test_needle_token_start_points_at_needle_in_prompt(tokenizer, grid):
+    for s in grid:
+        ids = tokenizer.encode(s.prompt, add_special_tokens=False)
+        tail = tokenizer.decode(ids[s.needle_token_start : s.needle_token_start + 40])
+        assert tail.lstrip().startswith(s.needle.strip()[:25]), tail
+        assert s.needle_token_start > s.context_needle_start  # chat template + instruction come first
+
+
+def test_prompt_layout(grid):
+    for s in grid:
+        assert s.prompt.count(s.answer) == 1  # the value is in the context only
+        assert s.key in s.needle and s.key in s.question and s.answer in s.needle
+        c, q = s.prompt.index(s.context), s.prompt.index(s.question)
+        assert c + len(s.context) <= q  # context, then the question
+        assert s.prompt.rstrip().endswith(s.answer_prefix)
+        assert "<|im_start|>user" in s.prompt and "<|im_start|>assistant" in s.prompt
+
+
+def test_needles_distinct_within_grid(grid):
+    answers = [s.answer for s in grid]
+    keys = [s.key for s in grid]
+    assert len(set(answers)) == len(answers)
+    assert len(set(keys)) == len(keys)
+    assert all(len(a) == 7 and a.isdigit() for a in answers)
+
+
+def test_deterministic_and_seed_dependent(tokenizer, grid):
+    again = make_needle_samples(tokenizer, LENGTHS[:1], DEPTHS[:2], seed=0)
+    assert again == grid[: len(again)]
+    other = make_needle_samples(tokenizer, LENGTHS[:1], DEPTHS[:2], seed=1)
+    assert [s.answer for s in other] != [s.answer for s in again]
+    assert [s.prompt for s in other] != [s.prompt for s in again]
+
+
+def test_needle_recovered():
+    assert needle_recovered("The special magic number for Oslo is 4670536.", "4670536")
+    assert needle_recovered(" 4670536", " 4670536 ")
+    assert not needle_recovered("The number is 467053.", "4670536")
+    assert not needle_recovered("", "4670536")
+
+
+def test_format_prompt(tokenizer):
+    chat = format_prompt(tokenizer, "CONTEXT", "QUESTION?")
+    assert chat.index("CONTEXT") < chat.index("QUESTION?")
+    assert chat.endswith("<|im_start|>assistant\n")
+    plain = format_prompt(tokenizer, "CONTEXT", "QUESTION?", "Answer:", chat=False)
+    assert plain == "CONTEXT\nQUESTION?\nAnswer:"
+
+
+def test_depth_grid():
+    assert depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert depth_grid(1) == [0.5]
+
+
+def test_too_short_context_rejected(tokenizer):
+    with pytest.raises(ValueError):
+        make_needle_samples(tokenizer, [40], [0.5], seed=0)
