@@ -102,8 +102,10 @@ class EvictingLayer(CacheLayerMixin):
                 f"batch size changed from {self._keys.shape[0]} to {key_states.shape[0]} within one evicting cache"
             )
         if self.stored + step > self.capacity:
-            # a step longer than block_size (e.g. a whole prompt in one forward): grow, shrink back after eviction
-            self._allocate(self.stored + step, key_states, value_states)
+            # an evicting layer only overflows on a step longer than block_size (e.g. a whole prompt in one
+            # forward): grow to fit, shrink back after eviction. A never-evicting layer grows geometrically.
+            grown = self.stored + step if self.config.evicts else max(self.stored + step, 2 * self.capacity)
+            self._allocate(grown, key_states, value_states)
         start, end = self.stored, self.stored + step
         self._keys[:, :, start:end] = key_states
         self._values[:, :, start:end] = value_states
