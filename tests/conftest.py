@@ -26,3 +26,11 @@ def smollm2():
     from caote import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (offline; converted from the packaged GGUF on first use)."""
+    from caote import load_tokenizer
+
+    return load_tokenizer()

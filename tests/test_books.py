@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from caote.eval.books import BOOKS, austen_books, book_slug, book_text
 
-SMOL = Path("/tmp/smol")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip(f"no SmolLM2 tokenizer at {SMOL}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(SMOL))
 
 
 def test_six_novels_long():

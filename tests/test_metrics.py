@@ -57,7 +57,6 @@ def test_f1_score_on_token_lists():
 
 
 def test_qa_f1_zh_score_hand_computed():
-    pytest.importorskip("jieba")
     # jieba cuts "Hello world" into ["Hello", " ", "world"]; the zh normaliser lower-cases and
     # empties " " (dropped): ["hello", "world"] vs ["hello", "there"] -> common 1, P = R = 1/2,
     # F1 = 0.5
@@ -71,7 +70,6 @@ def test_qa_f1_zh_score_hand_computed():
 
 
 def test_rouge_score_lcs_by_hand():
-    pytest.importorskip("rouge")
     # hyp "police killed the gunman", ref "police kill the gunman"
     # LCS = police, the, gunman = 3 words; m = n = 4 -> R = P = 3/4
     # rouge's F = 2PR / (P + R + 1e-8) = 2*(9/16)/(3/2 + 1e-8) = 0.75 (to 1e-8)
@@ -81,14 +79,13 @@ def test_rouge_score_lcs_by_hand():
 
 
 def test_rouge_score_counts_distinct_words():
-    pytest.importorskip("rouge")
     # The rouge package counts distinct words: hyp "the cat the dog" has n = 3 (the, cat, dog),
     # ref "the cat" has m = 2, LCS = 2 -> R = 1, P = 2/3, F = 2*(2/3)/(5/3) = 0.8
     assert M.rouge_score("the cat the dog", "the cat") == pytest.approx(0.8, abs=1e-7)
 
 
 def test_rouge_score_matches_rouge_package_and_zero_on_exception():
-    rouge = pytest.importorskip("rouge")
+    import rouge
     pred, ref = "a quick brown fox jumps", "the quick brown dog jumps high"
     direct = rouge.Rouge().get_scores(pred, ref)[0]["rouge-l"]["f"]
     assert M.rouge_score(pred, ref) == pytest.approx(direct, abs=1e-12)
@@ -99,8 +96,6 @@ def test_rouge_score_matches_rouge_package_and_zero_on_exception():
 
 
 def test_rouge_zh_score():
-    pytest.importorskip("rouge")
-    pytest.importorskip("jieba")
     # identical text -> identical segmentation -> F = 2/(2 + 1e-8)
     assert M.rouge_zh_score("我们今天去公园散步", "我们今天去公园散步") == pytest.approx(1.0, abs=1e-7)
     assert M.rouge_zh_score("", "我们") == 0.0
@@ -117,7 +112,6 @@ def test_missing_rouge_package_is_an_import_error_not_a_zero(monkeypatch):
 
 
 def test_code_sim_score_edit_similarity():
-    pytest.importorskip("fuzzywuzzy")
     # "return x + 1" vs "return x + 2": 12 chars each, 11 matching ("return x + ")
     # ratio = 2*11/24 = 0.91666 -> fuzz.ratio rounds to 92 -> 0.92
     assert M.code_sim_score("return x + 1", "return x + 2") == pytest.approx(0.92)
@@ -126,7 +120,6 @@ def test_code_sim_score_edit_similarity():
 
 
 def test_code_sim_score_first_non_comment_line():
-    pytest.importorskip("fuzzywuzzy")
     gt = "    return total / count"
     # Leading newlines stripped; lines with '#', '//' or '`' skipped; first remaining line used.
     assert M.code_sim_score("\n\n# the mean\n" + gt + "\nprint(1)", gt) == 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -14,18 +13,10 @@ from caote.eval.needle import (
     needle_recovered,
 )
 
-SMOL = Path("/tmp/smol")
 LENGTHS = [2000, 4000]
 DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip(f"no SmolLM2 tokenizer at {SMOL}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(SMOL))
 
 
 @pytest.fixture(scope="module")

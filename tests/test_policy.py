@@ -1,6 +1,5 @@
 """Configuration errors, and each policy's kept set against a plain loop-by-loop reference."""
 
-import itertools
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from caote.eval.ruler import (
     split_sentences,
 )
 
-SMOL = Path("/tmp/smol")
 TARGET = 2048
 N_OUTPUTS = {
     "niah_single_2": 1,
@@ -28,13 +26,6 @@ N_OUTPUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip(f"no SmolLM2 tokenizer at {SMOL}")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(SMOL))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from caote import EvictingCache, EvictionConfig, hf
 from caote.cli import main
-from caote.generation import encode_prompt, prefill
+from caote.generation import encode_prompt
 from reference import masked_reference
 
 pytestmark = pytest.mark.slow

@@ -166,18 +166,19 @@ def haystack_prefix(tokenizer, haystack: str, min_tokens: int) -> str:
 
 
 def _needle_values(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """``n`` distinct (city, 7-digit number) pairs; cities distinct while the list allows."""
-    keys: list[str] = []
-    while len(keys) < n:
-        keys += rng.sample(CITIES, min(len(CITIES), n - len(keys)))
-    values: list[str] = []
+    """``n`` (city, 7-digit number) pairs with distinct numbers; cities distinct while the list lasts.
+
+    Cell ``i`` gets the same pair whatever ``n`` is, so a smaller grid is a prefix of a larger one."""
+    cities = rng.sample(CITIES, len(CITIES))
+    value_rng = random.Random(rng.getrandbits(64))
+    pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
-    while len(values) < n:
-        v = str(rng.randint(1_000_000, 9_999_999))
+    while len(pairs) < n:
+        v = str(value_rng.randint(1_000_000, 9_999_999))
         if v not in seen:
             seen.add(v)
-            values.append(v)
-    return list(zip(keys, values))
+            pairs.append((cities[len(pairs) % len(cities)], v))
+    return pairs
 
 
 def make_needle_sample(

@@ -37,9 +37,10 @@ import string
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable
 
 from caote.eval.books import austen_books
+from caote.eval.metrics import ruler_postprocess_pred, string_match_all, string_match_part
 from caote.eval.needle import count_tokens, essays, has_chat_template
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def essay_words() -> tuple[str, ...]:
     return tuple(re.sub(r"\s+", " ", essays()).strip().split(" "))
 
 
-_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
+_SENT_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'’”)\]]))\s+(?=[\"'‘“(\[]*[A-Z0-9])")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -214,33 +215,12 @@ class RulerSample:
     context: str = ""  # the haystack with everything inserted (part of ``input``)
 
 
-def string_match_all(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """RULER's metric: per sample, the fraction of references found in the prediction; mean x 100."""
-    if not preds:
-        return 0.0
-    score = sum(sum(r.lower() in p.lower() for r in ref) / len(ref) for p, ref in zip(preds, refs))
-    return round(score / len(preds) * 100, 2)
-
-
-def string_match_part(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
-    """RULER's QA metric: 100 if any reference is found (kept for completeness)."""
-    if not preds:
-        return 0.0
-    score = sum(max(r.lower() in p.lower() for r in ref) for p, ref in zip(preds, refs))
-    return round(score / len(preds) * 100, 2)
-
-
 METRIC_FNS: dict[str, Callable] = {"string_match_all": string_match_all, "string_match_part": string_match_part}
-
-
-def postprocess_pred(text: str) -> str:
-    """RULER's prediction clean-up: strip, and turn control characters into newlines."""
-    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
 
 
 def score_sample(sample: RulerSample, prediction: str) -> float:
     """Score in [0, 1] of one generated answer for ``sample`` (RULER metric / 100)."""
-    return METRIC_FNS[sample.metric]([postprocess_pred(prediction)], [sample.outputs]) / 100.0
+    return METRIC_FNS[sample.metric]([ruler_postprocess_pred(prediction)], [sample.outputs]) / 100.0
 
 
 def canonical_task(task: str) -> str:
@@ -503,37 +483,52 @@ def _cwe_builder(cfg: dict, seed: int, context_tokens: int) -> Builder:
 
 
 def _largest_fitting(length_of: Callable[[int], int], target: int, lo: int, hi_cap: int | None = None) -> int:
-    """Largest ``n >= lo`` with ``length_of(n) <= target`` (length assumed non-decreasing in n).
+    """Largest ``n`` in ``[lo, hi_cap]`` with ``length_of(n) <= target`` (length non-decreasing in n).
 
-    RULER's binary search, bracketed by a linear estimate from two probes."""
-    base = length_of(lo)
-    if base > target:
-        raise ValueError(f"target of {target} tokens is below the task's minimum ({base} tokens at n={lo})")
-    probe = lo + max(1, lo)
-    if hi_cap is not None:
-        probe = min(probe, hi_cap)
-    if probe <= lo:
-        return lo
-    grow = length_of(probe) - base
-    per = max(grow / (probe - lo), 1e-3)
-    guess = lo + int((target - base) / per)
-    hi = max(probe, int(guess * 1.15) + 8)
-    if hi_cap is not None:
-        hi = min(hi, hi_cap)
-    good = lo
-    # make sure hi is over the target (or the cap)
-    while length_of(hi) <= target:
-        good = hi
-        if hi_cap is not None and hi >= hi_cap:
-            return hi
-        hi = hi * 2 if hi_cap is None else min(hi * 2, hi_cap)
-    lo_, hi_ = good + 1, hi - 1
-    while lo_ <= hi_:
-        mid = (lo_ + hi_) // 2
-        if length_of(mid) <= target:
-            good, lo_ = mid, mid + 1
+    RULER's binary search, bracketed first by a few secant steps on the (nearly linear) length, so a
+    sample costs about half a dozen tokenizations instead of RULER's dozen or more."""
+    memo: dict[int, int] = {}
+
+    def L(n: int) -> int:
+        if n not in memo:
+            memo[n] = length_of(n)
+        return memo[n]
+
+    cap = hi_cap if hi_cap is not None else 1 << 40
+    if L(lo) > target:
+        raise ValueError(f"target of {target} tokens is below the task's minimum ({L(lo)} tokens at n={lo})")
+    good, bad = lo, None  # largest known fitting n, smallest known non-fitting n
+    prev, per = lo, None
+    probe = min(cap, lo + max(16, lo))
+    for _ in range(8):
+        if probe <= good or (bad is not None and probe >= bad):
+            break
+        if L(probe) <= target:
+            good = probe
         else:
-            hi_ = mid - 1
+            bad = probe
+        per = max((L(probe) - L(prev)) / (probe - prev), 1e-3)
+        prev = probe
+        nxt = probe + int((target - L(probe)) / per)
+        probe = min(max(nxt, good + 1), cap)
+        if bad is not None:
+            probe = min(probe, bad - 1)
+    if bad is None:  # step up from ``good`` until over the target (or at the cap)
+        step = max(1, int((target - L(good)) / (per or 1.0)) + 1)
+        while bad is None:
+            if good >= cap:
+                return cap
+            h = min(good + step, cap)
+            if L(h) <= target:
+                good, step = h, step * 2
+            else:
+                bad = h
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if L(mid) <= target:
+            good = mid
+        else:
+            bad = mid
     return good
 
 
@@ -623,7 +618,7 @@ __all__ = [
     "TEMPLATES",
     "canonical_task",
     "make_ruler_samples",
-    "postprocess_pred",
+    "ruler_postprocess_pred",
     "score_sample",
     "split_sentences",
     "string_match_all",
