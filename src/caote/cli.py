@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from caote.eval.cli import COMMANDS as EVAL_COMMANDS
+from caote.eval.cli import add_parsers as add_eval_parsers
+from caote.eval.cli import handle as handle_eval
 from caote.policy import METHODS
 
 
@@ -66,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caote", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    add_eval_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in EVAL_COMMANDS:
+        return handle_eval(args)
     try:
         if args.command == "demo":
             return run_demo(args)

@@ -1,0 +1,410 @@
+"""Tables and plots from the results of :mod:`caote.eval.runner`.
+
+:func:`write_report` reads ``<out>/{ppl,niah,tasks}.jsonl`` and writes ``<out>/results.md`` (markdown
+tables laid out like the paper's: one row per method, grouped by base policy, one column per budget)
+and PNG plots (matplotlib, Agg backend):
+
+* ``ppl_gap.png`` -- perplexity gap to ``full`` vs budget, one line per method, one panel per length;
+* ``niah_heatmap_b<budget>.png`` -- needle recall over depth x length, one panel per method, at one budget
+  (``heatmap_budget``, default: the smallest);
+* ``niah_recall.png`` -- needle recall (mean over lengths and depths) vs budget, one line per method;
+* ``tasks_score.png`` -- task score vs budget, one line per method, one panel per task (and the average).
+
+Each table ends with a line naming the cells that are missing (or have fewer samples than the most
+complete cell of that table), so a partial grid is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from caote.eval.runner import read_jsonl
+from caote.policy import METHODS
+
+# Paper-like row order: full, streaming, caote, then each score base followed by its corrections.
+METHOD_ORDER: tuple[str, ...] = (
+    "full", "streaming", "caote",
+    "h2o", "h2o+caote", "h2o+fastcaote",
+    "tova", "tova+caote", "tova+fastcaote",
+    "snapkv", "snapkv+caote", "snapkv+fastcaote",
+)
+assert set(METHOD_ORDER) == set(METHODS)
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def _group(method: str) -> str:
+    return method.split("+")[0] if "+" in method or method in ("h2o", "tova", "snapkv") else "baseline"
+
+
+def _dedupe(records: Iterable[dict]) -> list[dict]:
+    """Latest record per cell (a cell recomputed after deleting lines keeps one value)."""
+    from caote.eval.runner import cell_key
+
+    latest = {}
+    for r in records:
+        latest[cell_key(r)] = r
+    return list(latest.values())
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class _Grid:
+    """Values per (method, budget) of one table, with the full-cache row spread over the budget columns."""
+
+    def __init__(self, records: list[dict], value_fn):
+        self.samples: dict[tuple[str, int | None], list] = defaultdict(list)
+        for r in records:
+            self.samples[(r["method"], r["budget"])].append(r)
+        self.value_fn = value_fn
+        self.budgets = sorted({b for _, b in self.samples if b is not None})
+        self.methods = sorted({m for m, _ in self.samples}, key=method_sort_key)
+
+    def value(self, method: str, budget: int | None):
+        rows = self.samples.get((method, None if method == "full" else budget))
+        return self.value_fn(rows) if rows else None
+
+    def missing(self, methods: Sequence[str], budgets: Sequence[int]) -> list[str]:
+        most = max((len(v) for v in self.samples.values()), default=0)
+        out = []
+        for m in methods:
+            for b in ([None] if m == "full" else budgets):
+                n = len(self.samples.get((m, b), []))
+                if n < most:
+                    out.append(f"{m}@{b if b is not None else 'full'}" + (f" ({n}/{most} samples)" if n else ""))
+        return out
+
+
+def _table(grid: _Grid, methods: Sequence[str], budgets: Sequence[int], digits: int, title: str) -> list[str]:
+    lines = [f"#### {title}", "", "| method | " + " | ".join(f"b={b}" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    previous_group = None
+    for m in methods:
+        group = _group(m)
+        if previous_group is not None and group != previous_group and group != "baseline":
+            lines.append("| " + " | ".join([""] * (len(budgets) + 1)) + " |")  # blank separator row
+        previous_group = group
+        cells = [_fmt(grid.value(m, b), digits) for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    missing = grid.missing(methods, budgets)
+    lines += ["", "Missing cells: " + (", ".join(missing) if missing else "none") + ".", ""]
+    return lines
+
+
+def _axes(records: list[dict], all_methods: Sequence[str] | None = None):
+    methods = sorted({r["method"] for r in records} | set(all_methods or ()), key=method_sort_key)
+    budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
+    return methods, budgets
+
+
+# ----------------------------------------------------------------------------------------------
+# perplexity
+
+
+def ppl_summary(records: list[dict]) -> dict[tuple[int, str, int | None], float]:
+    """``(length, method, budget) -> perplexity`` pooled over samples (``exp(Σ nll / Σ tokens)``)."""
+    nll: dict = defaultdict(float)
+    tokens: dict = defaultdict(int)
+    for r in records:
+        k = (r["length"], r["method"], r["budget"])
+        nll[k] += r["nll"]
+        tokens[k] += r["tokens"]
+    return {k: math.exp(nll[k] / tokens[k]) for k in nll if tokens[k]}
+
+
+def _pooled_ppl(rows):
+    n = sum(r["tokens"] for r in rows)
+    return math.exp(sum(r["nll"] for r in rows) / n) if n else None
+
+
+def _ppl_section(records: list[dict]) -> list[str]:
+    lines = ["## Perplexity under eviction (Austen novels)", "",
+             "Perplexity pooled over samples; below it, the gap to the full cache (same samples). Lower is better.", ""]
+    methods, budgets = _axes(records)
+    for length in sorted({r["length"] for r in records}):
+        rows = [r for r in records if r["length"] == length]
+        grid = _Grid(rows, _pooled_ppl)
+        samples = sorted({r["sample"] for r in rows})
+        lines += _table(grid, methods, budgets, 3, f"length {length} tokens — perplexity ({len(samples)} samples)")
+        full = grid.value("full", None)
+
+        def gap(rows, full=full):
+            value = _pooled_ppl(rows)
+            return None if value is None or full is None else value - full
+
+        lines += _table(_Grid(rows, gap), methods, budgets, 3, f"length {length} tokens — perplexity gap to full")
+    return lines
+
+
+def _ppl_plot(records: list[dict], out: Path) -> Path | None:
+    lengths = sorted({r["length"] for r in records})
+    if not lengths:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        grid = _Grid([r for r in records if r["length"] == length], _pooled_ppl)
+        full = grid.value("full", None)
+        for m in grid.methods:
+            if m == "full":
+                continue
+            points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
+            if points and full is not None:
+                ax.plot([b for b, _ in points], [v - full for _, v in points], marker="o", label=m,
+                        **_style(m))
+        _budget_axis(ax, grid.budgets)
+        ax.set_xlabel("budget (tokens per layer and KV head)")
+        ax.set_ylabel("perplexity − full-cache perplexity")
+        ax.set_title(f"length {length}" + (f" (full: {full:.2f})" if full is not None else " (no full run)"))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    return _save(fig, out / "ppl_gap.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# needle
+
+
+def _mean_score(rows):
+    return _mean([float(r["score"]) for r in rows])
+
+
+def _niah_section(records: list[dict]) -> list[str]:
+    lines = ["## Needle in a haystack", "", "Needle recall (fraction of samples whose answer holds the needle's value).", ""]
+    methods, budgets = _axes(records)
+    lengths = sorted({r["length"] for r in records})
+    for length in lengths:
+        rows = [r for r in records if r["length"] == length]
+        depths = sorted({r["sample"] for r in rows})
+        lines += _table(_Grid(rows, _mean_score), methods, budgets, 3, f"length {length} tokens ({len(depths)} depths)")
+    if len(lengths) > 1:
+        lines += _table(_Grid(records, _mean_score), methods, budgets, 3, "all lengths")
+    return lines
+
+
+def _niah_plots(records: list[dict], out: Path, heatmap_budget: int | None) -> list[Path]:
+    if not records:
+        return []
+    plt = _pyplot()
+    import numpy as np
+
+    paths = []
+    methods, budgets = _axes(records)
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({float(r["sample"]) for r in records})
+    budget = heatmap_budget if heatmap_budget is not None else (budgets[0] if budgets else None)
+    cols = min(4, len(methods))
+    rows_n = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.8 * rows_n), squeeze=False)
+    image = None
+    for ax, m in zip(axes.flat, methods):
+        b = None if m == "full" else budget
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for r in records:
+            if r["method"] == m and r["budget"] == b:
+                grid[depths.index(float(r["sample"])), lengths.index(r["length"])] = float(r["score"])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_title(m if m == "full" else f"{m} (b={b})", fontsize=9)
+        ax.set_xlabel("length", fontsize=8)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("depth", fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="needle recovered")
+    paths.append(_save(fig, out / f"niah_heatmap_b{budget}.png", tight=False))  # colorbar: no tight_layout
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = _Grid(records, _mean_score)
+    for m in grid.methods:
+        if m == "full":
+            value = grid.value("full", None)
+            if value is not None:
+                ax.axhline(value, color="black", linestyle="--", label="full")
+            continue
+        points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
+        if points:
+            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=m, **_style(m))
+    _budget_axis(ax, grid.budgets)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("budget (tokens per layer and KV head)")
+    ax.set_ylabel("needle recall (mean over lengths and depths)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    paths.append(_save(fig, out / "niah_recall.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks
+
+
+def _tasks_section(records: list[dict]) -> list[str]:
+    lines = ["## Long-context tasks", "",
+             ("RULER tasks: `string_match_all` (fraction of references found), LongBench: its per-dataset metric; "
+             "scores in [0, 1], averaged over samples."), ""]
+    methods, budgets = _axes(records)
+    tasks = sorted({r["task"] for r in records}, key=lambda t: (t.startswith("longbench/"), t))
+    for length in sorted({r["length"] for r in records}):
+        at_length = [r for r in records if r["length"] == length]
+        present = [t for t in tasks if any(r["task"] == t for r in at_length)]
+        for task in present:
+            rows = [r for r in at_length if r["task"] == task]
+            lines += _table(_Grid(rows, _mean_score), methods, budgets, 3,
+                            f"{task}, length {length} ({len({r['sample'] for r in rows})} samples)")
+        if len(present) > 1:
+            def task_average(rows):
+                per_task = defaultdict(list)
+                for r in rows:
+                    per_task[r["task"]].append(float(r["score"]))
+                return _mean([_mean(v) for v in per_task.values()])
+
+            lines += _table(_Grid(at_length, task_average), methods, budgets, 3,
+                            f"average over {len(present)} tasks, length {length}")
+    return lines
+
+
+def _tasks_plot(records: list[dict], out: Path) -> Path | None:
+    if not records:
+        return None
+    plt = _pyplot()
+    tasks = sorted({r["task"] for r in records}, key=lambda t: (t.startswith("longbench/"), t))
+    panels = tasks + (["average"] if len(tasks) > 1 else [])
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, panels):
+        rows = records if task == "average" else [r for r in records if r["task"] == task]
+        grid = _Grid(rows, _mean_score)
+        for m in grid.methods:
+            if m == "full":
+                value = grid.value("full", None)
+                if value is not None:
+                    ax.axhline(value, color="black", linestyle="--", label="full")
+                continue
+            points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
+            if points:
+                ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=m, **_style(m))
+        _budget_axis(ax, grid.budgets)
+        ax.set_title(task + (" (mean over lengths)" if task != "average" else " (all tasks and lengths)"), fontsize=9)
+        ax.set_xlabel("budget")
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    _legend(fig, axes)
+    return _save(fig, out / "tasks_score.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# plotting helpers
+
+
+_COLORS = {"baseline": None, "h2o": "tab:blue", "tova": "tab:orange", "snapkv": "tab:green"}
+_LINESTYLE = {None: "-", "caote": "--", "fastcaote": ":"}
+
+
+def _style(method: str) -> dict:
+    base, _, fix = method.partition("+")
+    if base == "streaming":
+        return {"color": "tab:gray", "linestyle": "-"}
+    if base == "caote":
+        return {"color": "tab:red", "linestyle": "-"}
+    return {"color": _COLORS.get(base), "linestyle": _LINESTYLE.get(fix or None, "-")}
+
+
+def _budget_axis(ax, budgets) -> None:
+    """Log-2 budget axis labelled with the budgets themselves."""
+    ax.set_xscale("log", base=2)
+    if budgets:
+        ax.set_xticks(list(budgets), [str(b) for b in budgets])
+        ax.minorticks_off()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _legend(fig, axes) -> None:
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+
+
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def write_report(out: str | Path, heatmap_budget: int | None = None) -> dict:
+    """Write ``<out>/results.md`` and the PNG plots; return ``{"markdown": path, "plots": [paths]}``."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"results folder {out} does not exist")
+    ppl = _dedupe(read_jsonl(out / "ppl.jsonl"))
+    niah = _dedupe(read_jsonl(out / "niah.jsonl"))
+    tasks = _dedupe(read_jsonl(out / "tasks.jsonl"))
+    runs = read_jsonl(out / "runs.jsonl")
+    lines = ["# caote evaluation results", ""]
+    if runs:
+        last = runs[-1]
+        models = sorted({r["model"] for r in ppl + niah + tasks})
+        lines += [f"Model(s): {', '.join(models) or '—'}. {len(runs)} run(s) recorded in `runs.jsonl`; last: "
+                  f"`{' '.join(last.get('argv', []))}` with "
+                  + ", ".join(f"{k} {v}" for k, v in last.get("versions", {}).items()) + ".", ""]
+    lines += [("Rows: methods grouped by base policy (full, streaming, caote; then each base with its +caote and "
+              "+fastcaote corrections). Columns: KV budget in tokens per layer and KV head. The `full` row does "
+              "not depend on the budget and is repeated in every column."), ""]
+    plots: list[Path] = []
+    if ppl:
+        lines += _ppl_section(ppl)
+        plots.append(_ppl_plot(ppl, out))
+    if niah:
+        lines += _niah_section(niah)
+        plots += _niah_plots(niah, out, heatmap_budget)
+    if tasks:
+        lines += _tasks_section(tasks)
+        plots.append(_tasks_plot(tasks, out))
+    if not (ppl or niah or tasks):
+        lines += ["No results found (expected ppl.jsonl, niah.jsonl or tasks.jsonl).", ""]
+    plots = [p for p in plots if p is not None]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    md = out / "results.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return {"markdown": md, "plots": plots}
+
+
+__all__ = ["METHOD_ORDER", "ppl_summary", "write_report"]
