@@ -147,33 +147,43 @@ class EvictingLayer(CacheLayerMixin):
         return (pos < self.config.sink_tokens) | (pos >= self.seen - self.config.recent_window)
 
     def evict(self, scores: torch.Tensor) -> None:
-        """Keep the ``budget`` highest-scored entries of each KV head (protected ones always), in position order."""
+        """Drop the ``stored - budget`` lowest-scored entries of each KV head (never a protected one)."""
+        excess = self.stored - self.config.budget
         scores = scores.masked_fill(self.protected(), float("inf"))
-        keep = scores.topk(self.config.budget, dim=-1).indices.sort(dim=-1).values
-        self.compact(keep)
+        dropped = scores.topk(excess, dim=-1, largest=False).indices
+        first = int(dropped.min())  # slots before it are kept by every head and stay where they are
+        kept = torch.ones_like(scores[..., first:], dtype=torch.bool).scatter_(-1, dropped - first, False)
+        # nonzero() lists each row's kept slots in increasing order; every row keeps the same number
+        tail = kept.nonzero()[:, -1].view(*scores.shape[:2], self.config.budget - first) + first
+        self._move(first, tail)
         if self.capacity > self._steady_capacity(0):
             self._allocate(self._steady_capacity(0), self._keys, self._values)
 
     def compact(self, keep: torch.Tensor) -> None:
-        """Move the entries ``keep`` ``(B, H_kv, n)`` (sorted slot indices) to slots ``0..n-1``, in place.
+        """Move the entries ``keep`` ``(B, H_kv, n)`` (increasing slot indices) to slots ``0..n-1``, in place."""
+        moved = (keep != torch.arange(keep.shape[-1], device=keep.device)).flatten(0, 1).any(dim=0).nonzero()
+        first = int(moved[0, 0]) if len(moved) else keep.shape[-1]
+        self._move(first, keep[..., first:])
 
-        Slots before the first one that changes in any head stay where they are, so evicting one entry
-        during decoding moves only the entries after it (no copy of the whole cache per token).
+    def _move(self, first: int, tail: torch.Tensor) -> None:
+        """Keep slots ``0..first-1`` and move slots ``tail`` ``(B, H_kv, m)`` to ``first..first+m-1``.
+
+        Only the entries after the first dropped one move, so evicting one entry during decoding does not
+        copy the whole cache. Entries move as whole rows of the flattened buffers (``index_select`` +
+        ``index_copy_``), keeping position order.
         """
-        n_keep = keep.shape[-1]
-        moved = (keep != torch.arange(n_keep, device=keep.device)).flatten(0, 1).any(dim=0)
-        changed = moved.nonzero()
-        if len(changed):
-            first = int(changed[0, 0])
-            index = keep[..., first:] - first
+        batch, heads, n_tail = tail.shape
+        if n_tail:
+            row_base = (torch.arange(batch * heads, device=tail.device) * self.capacity).view(batch, heads, 1)
+            source = (row_base + tail).flatten()
+            target = (row_base + torch.arange(first, first + n_tail, device=tail.device)).flatten()
             for buffer in (self._keys, self._values, self._positions, self._attention_sum):
-                if buffer is None:
-                    continue
-                source = buffer[:, :, first : self.stored]
-                gather_index = index if buffer.ndim == 3 else index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
-                buffer[:, :, first:n_keep] = source.gather(2, gather_index)
-        self.evicted += self.stored - n_keep
-        self.stored = n_keep
+                if buffer is not None:
+                    rows = buffer.view(batch * heads * self.capacity, -1)
+                    rows.index_copy_(0, target, rows.index_select(0, source))
+        kept = first + n_tail
+        self.evicted += self.stored - kept
+        self.stored = kept
         self._publish()
 
     # ------------------------------------------------------------------------- transformers' layer API

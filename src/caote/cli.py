@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from caote import bench
 from caote.eval.cli import COMMANDS as EVAL_COMMANDS
 from caote.eval.cli import add_parsers as add_eval_parsers
 from caote.eval.cli import handle as handle_eval
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caote", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    bench.add_parser(sub)
     add_eval_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in EVAL_COMMANDS:
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "bench":
+            return bench.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"caote: error: {error}", file=sys.stderr)
         return 2

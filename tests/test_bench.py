@@ -1,0 +1,58 @@
+"""Smoke tests of ``caote bench`` on the tiny random model (seconds, no model download)."""
+
+import argparse
+import json
+
+import pytest
+
+from caote import bench
+
+
+def _args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    bench.add_parser(sub)
+    return parser.parse_args(["bench", "--quick", "--out", str(tmp_path / "bench.json"), *extra])
+
+
+def test_quick_bench_runs_and_writes_results(tmp_path, capsys):
+    args = _args(tmp_path, "--lengths", "160", "--decode-tokens", "3",
+                 "--methods", "full,streaming,caote,tova,tova+caote,tova+fastcaote,h2o,h2o+caote,snapkv")
+    assert bench.run(args) == 0  # targets are reported, not enforced, without --strict
+    out = capsys.readouterr().out
+    assert "| L | budget | method |" in out and "PASS" in out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.md").exists()
+    rows = {(r["length"], r["budget"], r["method"]): r for r in results["rows"]}
+    full = rows[(160, None, "full")]
+    assert full["vs_full"]["prefill_s"] == pytest.approx(1.0)
+    for method in ("streaming", "caote", "tova", "tova+caote", "tova+fastcaote", "h2o", "h2o+caote", "snapkv"):
+        row = rows[(160, 64, method)]
+        assert row["prefill_s"] > 0 and row["decode_tok_s"] > 0
+        # bounded cache: budget + block entries per layer and KV head, against 160 for the full cache
+        assert row["vs_full"]["prefill_kv_bytes"] == pytest.approx((64 + 32) / 160)
+        assert row["evict_prefill_s"] > 0  # after_attention was timed
+        assert row["evict_decode_ms_per_token"] > 0
+    assert rows[(160, 64, "tova+caote")]["base"] == "tova"
+    assert rows[(160, 64, "tova+caote")]["vs_base"]["prefill_s"] is not None
+    assert rows[(160, 64, "tova")]["vs_base"]["prefill_s"] is None
+    memory_targets = [t for t in results["targets"] if t["target"].startswith("prefill peak KV")]
+    assert memory_targets and all(t["passed"] for t in memory_targets)
+    assert any(t["target"].startswith("tova+caote prefill") for t in results["targets"])
+    # the timer is uninstalled afterwards
+    from caote.cache import EvictingLayer
+
+    assert EvictingLayer.after_attention.__name__ == "after_attention"
+
+
+def test_memory_worker_measures_one_configuration():
+    result = bench.memory_child(dict(model=bench.TINY_MODEL, length=128, method="tova+fastcaote", budget=32,
+                                     block_size=32, decode_tokens=2))
+    assert result["peak_rss_bytes"] > 0
+    if result["rss_exact"]:
+        assert result["rss_delta_bytes"] >= 0
+
+
+def test_bad_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        bench._method_list("full,tova+bogus")
