@@ -129,8 +129,9 @@ class EvictingLayer(CacheLayerMixin):
     ) -> None:
         """Called by the attention function once the step's attention is computed: score and evict.
 
-        ``weights`` ``(B, H_kv, G, Q, stored)``, ``values`` ``(B, H_kv, stored, D)`` and ``outputs``
-        ``(B, H_kv, G, Q, D)`` are float32, or ``None`` when :meth:`wants_attention` said no.
+        ``weights`` ``(B, H_kv, G, Q, stored)`` (only the last ``config.query_rows`` queries when the policy
+        reads no more), ``values`` ``(B, H_kv, stored, D)`` and ``outputs`` ``(B, H_kv, G, Q, D)`` (only when the
+        weights cover every query) are float32, or ``None`` when :meth:`wants_attention` said no.
         """
         cfg = self.config
         if cfg.accumulates_attention and weights is not None:

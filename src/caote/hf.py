@@ -81,31 +81,44 @@ def caote_attention(
     asks for float32), returning ``(B, Q, H_q, D)`` in the query dtype like every attention function.
     """
     layer = _take_pending(key)
-    if layer is None or not layer.wants_attention():
+    wants = layer is not None and layer.wants_attention()
+    rows = layer.config.query_rows if wants else None
+    if not wants or (rows is not None and rows < query.shape[2]):
+        # SDPA computes the output; the float32 weights, if wanted, only for the rows the scores read
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         if layer is not None:
-            layer.after_attention(None, None, None)
+            if wants:
+                mask = None if attention_mask is None else attention_mask[..., -rows:, :]
+                weights, _ = _float32_attention(query[..., -rows:, :], key, value, mask, scaling, outputs=False)
+                layer.after_attention(weights, value.to(torch.float32), None)
+            else:
+                layer.after_attention(None, None, None)
         return output, None
+    weights, outputs = _float32_attention(query, key, value, attention_mask, scaling, outputs=True)
+    layer.after_attention(weights, value.to(torch.float32), outputs)
+    batch, q_heads, q_len, head_dim = query.shape
+    attn_output = outputs.reshape(batch, q_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
+    return attn_output.contiguous(), None
 
+
+def _float32_attention(query, key, value, attention_mask, scaling: float, outputs: bool):
+    """Eager attention in float32, grouped by KV head: weights ``(B, H_kv, G, Q, N)`` and, if asked, per-head
+    outputs ``(B, H_kv, G, Q, D)`` (query head ``h`` uses KV head ``h // G``, transformers' repeat_kv layout)."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
-    # query head h uses KV head h // group (transformers' repeat_kv layout)
     q = query.to(torch.float32).reshape(batch, kv_heads, group * q_len, head_dim)
-    k = key.to(torch.float32)
-    v = value.to(torch.float32)
-    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)
+    logits = torch.matmul(q, key.to(torch.float32).transpose(-1, -2)).mul_(scaling)
     logits = logits.view(batch, kv_heads, group, q_len, n_keys)
     if attention_mask is not None:
         logits = logits + attention_mask.to(torch.float32).unsqueeze(2)
     weights = torch.softmax(logits, dim=-1)
-    outputs = torch.matmul(weights.view(batch, kv_heads, group * q_len, n_keys), v)
-    outputs = outputs.view(batch, kv_heads, group, q_len, head_dim)
-    layer.after_attention(weights, v, outputs)
-    attn_output = outputs.reshape(batch, q_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
-    return attn_output.contiguous(), None
+    if not outputs:
+        return weights, None
+    out = torch.matmul(weights.view(batch, kv_heads, group * q_len, n_keys), value.to(torch.float32))
+    return weights, out.view(batch, kv_heads, group, q_len, head_dim)
 
 
 def caote_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -112,6 +112,12 @@ class EvictionConfig:
         return self.base not in ("full", "streaming")
 
     @property
+    def query_rows(self) -> int | None:
+        """How many of a step's last queries the scores read (``None`` = all): TOVA reads the last query,
+        SnapKV its observation window; CAOTE (every query's error) and H2O (every query's mass) read all."""
+        return {"tova": 1, "snapkv": self.snapkv_window}.get(self.base)
+
+    @property
     def accumulates_attention(self) -> bool:
         """H2O's score is attention accumulated over every query: it needs the weights at every step."""
         return self.base == "h2o"
