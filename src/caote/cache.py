@@ -150,7 +150,8 @@ class EvictingLayer(CacheLayerMixin):
     def evict(self, scores: torch.Tensor) -> None:
         """Drop the ``stored - budget`` lowest-scored entries of each KV head (never a protected one)."""
         excess = self.stored - self.config.budget
-        scores = scores.masked_fill(self.protected(), float("inf"))
+        if self.config.sink_tokens or self.config.recent_window:
+            scores = scores.masked_fill(self.protected(), float("inf"))
         dropped = scores.topk(excess, dim=-1, largest=False).indices
         first = int(dropped.min())  # slots before it are kept by every head and stay where they are
         kept = torch.ones_like(scores[..., first:], dtype=torch.bool).scatter_(-1, dropped - first, False)
