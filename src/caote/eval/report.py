@@ -229,15 +229,7 @@ def _niah_plots(records: list[dict], out: Path, heatmap_budget: int | None) -> l
 
     fig, ax = plt.subplots(figsize=(6, 4))
     grid = _Grid(records, _mean_score)
-    for m in grid.methods:
-        if m == "full":
-            value = grid.value("full", None)
-            if value is not None:
-                ax.axhline(value, color="black", linestyle="--", label="full")
-            continue
-        points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
-        if points:
-            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=m, **_style(m))
+    _score_lines(ax, grid)
     _budget_axis(ax, grid.budgets)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("budget (tokens per layer and KV head)")
@@ -277,6 +269,19 @@ def _tasks_section(records: list[dict]) -> list[str]:
     return lines
 
 
+def _score_lines(ax, grid) -> None:
+    """One line per method over the budgets; ``full`` (budget-free) as a dashed horizontal line."""
+    for m in grid.methods:
+        if m == "full":
+            value = grid.value("full", None)
+            if value is not None:
+                ax.axhline(value, color="black", linestyle="--", label="full")
+            continue
+        points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
+        if points:
+            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=m, **_style(m))
+
+
 def _tasks_plot(records: list[dict], out: Path) -> Path | None:
     if not records:
         return None
@@ -289,15 +294,7 @@ def _tasks_plot(records: list[dict], out: Path) -> Path | None:
     for ax, task in zip(axes.flat, panels):
         rows = records if task == "average" else [r for r in records if r["task"] == task]
         grid = _Grid(rows, _mean_score)
-        for m in grid.methods:
-            if m == "full":
-                value = grid.value("full", None)
-                if value is not None:
-                    ax.axhline(value, color="black", linestyle="--", label="full")
-                continue
-            points = [(b, grid.value(m, b)) for b in grid.budgets if grid.value(m, b) is not None]
-            if points:
-                ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=m, **_style(m))
+        _score_lines(ax, grid)
         _budget_axis(ax, grid.budgets)
         ax.set_title(task + (" (mean over lengths)" if task != "average" else " (all tasks and lengths)"), fontsize=9)
         ax.set_xlabel("budget")
