@@ -1,10 +1,5 @@
-"""``caote eval {ppl,niah,tasks}`` and ``caote report``: subcommands for the main ``caote`` parser.
-
-Wire them into ``caote.cli.main``::
-
-    from caote.eval.cli import add_parsers, handle   # then, after sub = parser.add_subparsers(...):
-    add_parsers(sub)                                  # and in the dispatch: if args.command in COMMANDS: return handle(args)
-"""
+"""``caote eval {ppl,niah,tasks}`` and ``caote report``: subcommands added to the main ``caote`` parser
+(:func:`add_parsers`) and run by :func:`handle` (see :mod:`caote.cli`)."""
 
 from __future__ import annotations
 
