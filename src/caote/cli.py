@@ -56,9 +56,9 @@ def run_demo(args) -> int:
     print(f"answer          {result.text.strip()!r}")
     print(f"needle found    {'yes' if found else 'no'} (expected {needle.answer!r})")
     print(f"method          {result.method}, budget {result.budget}, block {result.block_size}")
-    print(f"KV held now     {result.kv_bytes / mib:.2f} MiB")
-    print(f"KV peak         {result.peak_kv_bytes / mib:.2f} MiB = {result.peak_kv_fraction:.1%} of the full cache "
-          f"({result.full_kv_bytes / mib:.2f} MiB)")
+    print(f"KV held now     {result.kv_bytes:,} bytes ({result.kv_bytes / mib:.2f} MiB)")
+    print(f"KV peak         {result.peak_kv_bytes:,} bytes ({result.peak_kv_bytes / mib:.2f} MiB) = "
+          f"{result.peak_kv_fraction:.1%} of the full cache ({result.full_kv_bytes:,} bytes)")
     print(f"tokens evicted  {result.evicted_tokens} (per KV head, summed over layers)")
     print(f"time            prefill {result.prefill_seconds:.1f} s "
           f"({result.prompt_tokens / result.prefill_seconds:.0f} tok/s), decode {result.decode_seconds:.1f} s "
