@@ -1,6 +1,7 @@
 """Every scoring rule checked as a fact against brute force: evict the entry, recompute, compare."""
 
 import math
+import os
 
 import hypothesis.strategies as st
 import torch
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 
 from caote import scores
 
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=int(os.environ.get("CAOTE_HYPOTHESIS_EXAMPLES", 60)), deadline=None)
 
 
 def _attention(q, k, v, mask=None):

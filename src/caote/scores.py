@@ -37,24 +37,6 @@ def _times_ratio(ratio: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(ratio), torch.inf, ratio * distance)
 
 
-def squared_distances(outputs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``‖X_{g,q} - v_j‖²`` for every query head, query and entry: ``(B, H_kv, G, Q, N)``.
-
-    Expanded as ``‖X‖² - 2 X·v + ‖v‖²`` so that the ``(G·Q) × N × D`` difference is never materialised.
-    The expansion cancels catastrophically when ``X ≈ v_j`` (exactly the entries with ``a_j`` near 1, whose
-    ratio ``a/(1-a)`` is large), so those few pairs are recomputed as a direct difference.
-    """
-    cross = torch.einsum("bhgqd,bhnd->bhgqn", outputs, values)
-    out_sq = outputs.square().sum(-1, keepdim=True)
-    val_sq = values.square().sum(-1)[:, :, None, None, :]
-    dist = out_sq - 2.0 * cross + val_sq
-    unstable = dist < 1e-3 * (out_sq + val_sq)
-    if unstable.any():
-        b, h, g, q, n = unstable.nonzero(as_tuple=True)
-        dist = dist.index_put((b, h, g, q, n), (outputs[b, h, g, q] - values[b, h, n]).square().sum(-1))
-    return dist.clamp_min(0.0)
-
-
 def caote_scores(attn: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """CAOTE, exact (method.md §2, aggregated as in §4).
 
@@ -63,9 +45,34 @@ def caote_scores(attn: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
     the errors of all the step's queries and of the query heads sharing a KV head combine by root-sum-square,
     ``c_j = sqrt(Σ_{q,g} c_{q,g,j}²)``, the Frobenius norm of the KV head's whole output change.
     A query that cannot see ``j`` (causal mask, ``a = 0``) contributes 0.
+
+    Computed without materialising any ``(G·Q) × N × D`` difference: with ``r = (a/(1-a))²``,
+    ``Σ r ‖X - v_j‖² = Σ r ‖X‖² - 2 (Σ r X)·v_j + ‖v_j‖² Σ r`` (one matmul). That expansion cancels
+    catastrophically when ``X ≈ v_j``: the pairs with ``a > 1/2`` (at most one per query row, and the ones
+    whose large ratio would amplify the error) are computed as direct differences, and so is every entry whose
+    expanded sum comes out below 1e-3 of its terms.
     """
-    per_query = _times_ratio(_error_ratio(attn, eps).square(), squared_distances(outputs, values))
-    return per_query.sum(dim=(2, 3)).sqrt()
+    batch, heads, group, q_len, n = attn.shape
+    flat_attn = attn.reshape(batch, heads, group * q_len, n)
+    flat_out = outputs.reshape(batch, heads, group * q_len, -1)
+    dominant = flat_attn > 0.5
+    small = (flat_attn / (1.0 - flat_attn)).square_().masked_fill_(dominant, 0.0)  # a ≤ 1/2: no clamp needed
+    magnitude = (
+        torch.matmul(flat_out.square().sum(-1).unsqueeze(-2), small).squeeze(-2)
+        + values.square().sum(-1) * small.sum(-2)
+    )
+    total = magnitude - 2.0 * (torch.matmul(small.transpose(-1, -2), flat_out) * values).sum(-1)
+    # where the expansion lost its precision (result tiny against its terms), recompute that entry directly
+    b, h, j = (total < 1e-3 * magnitude).nonzero(as_tuple=True)
+    if len(b):
+        exact = (small[b, h, :, j] * (flat_out[b, h] - values[b, h, j].unsqueeze(-2)).square().sum(-1)).sum(-1)
+        total = total.index_put((b, h, j), exact)
+    b, h, row, j = dominant.nonzero(as_tuple=True)
+    if len(b):
+        ratio_sq = _error_ratio(flat_attn[b, h, row, j], eps).square()
+        direct = _times_ratio(ratio_sq, (flat_out[b, h, row] - values[b, h, j]).square().sum(-1))
+        total = total.index_put((b, h, j), direct, accumulate=True)
+    return total.clamp_min(0.0).sqrt()
 
 
 def normalise(base: torch.Tensor) -> torch.Tensor:
