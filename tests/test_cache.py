@@ -84,17 +84,19 @@ def test_whole_prompt_in_one_forward_grows_then_shrinks_back(tiny_model):
 
 
 def test_decode_eviction_moves_only_entries_after_the_evicted_one():
-    config = EvictionConfig(budget=6, method="tova")
-    layer = EvictingLayer(config)
+    layer = EvictingLayer(EvictionConfig(budget=6, method="tova"))
     keys = torch.arange(7.0).view(1, 1, 7, 1).expand(1, 2, 7, 3).contiguous()
     layer.update(keys, keys.clone())
     hf._take_pending(layer.keys)
-    buffer = layer._keys
-    layer.compact(torch.tensor([[[0, 1, 2, 3, 5, 6], [0, 1, 2, 3, 4, 6]]]))
-    assert layer._keys is buffer  # no reallocation
+    buffer, before = layer._keys, layer._keys.clone()
+    scores = torch.tensor([[[5.0, 6, 7, 8, 1, 9, 9], [5.0, 6, 7, 8, 9, 1, 9]]])  # head 0 drops slot 4, head 1 slot 5
+    layer.evict(scores)
+    assert layer._keys is buffer  # in place, no reallocation
+    assert torch.equal(buffer[:, :, :4], before[:, :, :4])  # slots before the first dropped one untouched
     assert layer.positions.tolist() == [[[0, 1, 2, 3, 5, 6], [0, 1, 2, 3, 4, 6]]]
     assert layer.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5, 6]
     assert layer.keys[0, 1, :, 0].tolist() == [0, 1, 2, 3, 4, 6]
+    assert layer.evicted == 1 and layer.stored == 6
 
 
 def test_model_generate_with_evicting_cache_matches_manual_loop(tiny_model):

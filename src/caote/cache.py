@@ -161,12 +161,6 @@ class EvictingLayer(CacheLayerMixin):
         if self.capacity > self._steady_capacity(0):
             self._allocate(self._steady_capacity(0), self._keys, self._values)
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Move the entries ``keep`` ``(B, H_kv, n)`` (increasing slot indices) to slots ``0..n-1``, in place."""
-        moved = (keep != torch.arange(keep.shape[-1], device=keep.device)).flatten(0, 1).any(dim=0).nonzero()
-        first = int(moved[0, 0]) if len(moved) else keep.shape[-1]
-        self._move(first, keep[..., first:])
-
     def _move(self, first: int, tail: torch.Tensor) -> None:
         """Keep slots ``0..first-1`` and move slots ``tail`` ``(B, H_kv, m)`` to ``first..first+m-1``.
 
