@@ -144,7 +144,47 @@ def _ppl_section(records: list[dict]) -> list[str]:
             return None if value is None or full is None else value - full
 
         lines += _table(_Grid(rows, gap), methods, budgets, 3, f"length {length} tokens — perplexity gap to full")
-    return lines
+    return lines + _caote_effect_section(records)
+
+
+def _caote_effect_section(records: list[dict]) -> list[str]:
+    """Does adding CAOTE help? Relative change of each base policy's perplexity gap, cell by cell."""
+    ppl = ppl_summary(records)
+    cells = sorted({(length, budget) for length, _, budget in ppl if budget is not None})
+    columns = [f"{base}+{fix}" for base in ("h2o", "tova", "snapkv") for fix in ("caote", "fastcaote")]
+    rows, helped, compared, fast_wins, pairs = [], defaultdict(int), defaultdict(int), 0, 0
+    for length, budget in cells:
+        full = ppl.get((length, "full", None))
+        if full is None:
+            continue
+        row = []
+        for column in columns:
+            base = column.split("+")[0]
+            with_fix, without = ppl.get((length, column, budget)), ppl.get((length, base, budget))
+            if with_fix is None or without is None or without - full <= 0:
+                row.append("—")
+                continue
+            change = 1.0 - (with_fix - full) / (without - full)
+            compared[column.split("+")[1]] += 1
+            helped[column.split("+")[1]] += change > 0
+            row.append(f"{change:+.1%}")
+        for base in ("h2o", "tova", "snapkv"):
+            caote, fast = ppl.get((length, f"{base}+caote", budget)), ppl.get((length, f"{base}+fastcaote", budget))
+            if caote is not None and fast is not None:
+                pairs += 1
+                fast_wins += fast < caote
+        rows.append(f"| {length} | {budget} | " + " | ".join(row) + " |")
+    if not rows:
+        return []
+    lines = ["### Does CAOTE help? Change of the perplexity gap to full", "",
+             "Positive = the correction shrinks the base policy's gap (by that fraction of it); negative = it widens it.",
+             "", "| length | budget | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns), *rows, ""]
+    for fix in ("caote", "fastcaote"):
+        if compared[fix]:
+            lines.append(f"- `+{fix}` shrinks the gap in {helped[fix]} of {compared[fix]} cells.")
+    if pairs:
+        lines.append(f"- `+fastcaote` has the smaller gap than `+caote` in {fast_wins} of {pairs} cells.")
+    return lines + [""]
 
 
 def _ppl_plot(records: list[dict], out: Path) -> Path | None:
