@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from run_kvpress import (
     _vm_hwm_bytes,
     essays_text,
     finish_record,
+    run_configuration,
 )
 
 DEFAULT_METHODS = (
@@ -398,45 +398,8 @@ def main(argv=None) -> int:
                     "threads": args.threads,
                     "answer_prefix": not args.no_answer_prefix,
                 }
-                t0 = time.perf_counter()
-                try:
-                    proc = subprocess.run(
-                        [
-                            sys.executable,
-                            os.path.abspath(__file__),
-                            "--worker",
-                            json.dumps(cfg),
-                        ],
-                        check=False,
-                        capture_output=True,
-                        text=True,
-                        env=env,
-                        timeout=args.timeout,
-                    )
-                except subprocess.TimeoutExpired:
-                    failures += 1
-                    print(f"[caote] {meth} N={n} B={b} TIMEOUT", file=sys.stderr)
-                    continue
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    failures += 1
-                    print(
-                        f"[caote] {meth} N={n} B={b} FAILED rc={proc.returncode}\n{proc.stderr[-4000:]}",
-                        file=sys.stderr,
-                    )
-                    continue
-                res = json.loads(lines[-1][len("RESULT ") :])
-                res["wall_s"] = time.perf_counter() - t0
-                res["command"] = command
-                with open(args.out, "a") as fh:
-                    fh.write(json.dumps(res) + "\n")
-                print(
-                    f"[caote] {meth:16s} N={n:5d} B={b:4d} prefill={res['prefill_s']:.2f}s "
-                    f"peakKV={res['peak_kv_bytes'] / 2**20:.1f}MiB afterKV={res['kv_bytes_after'] / 2**20:.1f}MiB "
-                    f"peakRSS={res['peak_rss_bytes'] / 2**20:.0f}MiB ppl={res['ppl']:.3f} "
-                    f"needle={res['needle_recall']} wall={res['wall_s']:.0f}s",
-                    flush=True,
-                )
+                failures += not run_configuration(__file__, cfg, f"[caote] {meth:16s} N={n:5d} B={b:4d}", env,
+                                                  args.timeout, args.out, command)
     return 1 if failures else 0
 
 

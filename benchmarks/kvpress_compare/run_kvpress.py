@@ -382,6 +382,36 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+def run_configuration(script: str, cfg: dict, label: str, env: dict, timeout: float, out: str,
+                      command: str) -> bool:
+    """Run one configuration's ``--worker`` in a fresh process (so memory peaks don't mix), append its
+    record to ``out`` and print a summary line; False (reported on stderr) when it failed or timed out."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(cfg)],
+                              check=False, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{label} TIMEOUT", file=sys.stderr)
+        return False
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"{label} FAILED rc={proc.returncode}\n{proc.stderr[-4000:]}", file=sys.stderr)
+        return False
+    res = json.loads(lines[-1][len("RESULT ") :])
+    res["wall_s"] = time.perf_counter() - t0
+    res["command"] = command
+    with open(out, "a") as fh:
+        fh.write(json.dumps(res) + "\n")
+    print(
+        f"{label} prefill={res['prefill_s']:.2f}s "
+        f"peakKV={res['peak_kv_bytes'] / 2**20:.1f}MiB afterKV={res['kv_bytes_after'] / 2**20:.1f}MiB "
+        f"peakRSS={res['peak_rss_bytes'] / 2**20:.0f}MiB ppl={res['ppl']:.3f} "
+        f"needle={res['needle_recall']} wall={res['wall_s']:.0f}s",
+        flush=True,
+    )
+    return True
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":  # internal: one configuration
@@ -463,40 +493,8 @@ def main(argv=None) -> int:
                     "threads": args.threads,
                     "answer_prefix": not args.no_answer_prefix,
                 }
-                t0 = time.perf_counter()
-                proc = subprocess.run(
-                    [
-                        sys.executable,
-                        os.path.abspath(__file__),
-                        "--worker",
-                        json.dumps(cfg),
-                    ],
-                    check=False,
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    timeout=args.timeout,
-                )
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    failures += 1
-                    print(
-                        f"[kvpress] {p} N={n} B={b} FAILED rc={proc.returncode}\n{proc.stderr[-4000:]}",
-                        file=sys.stderr,
-                    )
-                    continue
-                res = json.loads(lines[-1][len("RESULT ") :])
-                res["wall_s"] = time.perf_counter() - t0
-                res["command"] = command
-                with open(args.out, "a") as fh:
-                    fh.write(json.dumps(res) + "\n")
-                print(
-                    f"[kvpress] {p:6s} N={n:5d} B={b:4d} prefill={res['prefill_s']:.2f}s "
-                    f"peakKV={res['peak_kv_bytes'] / 2**20:.1f}MiB afterKV={res['kv_bytes_after'] / 2**20:.1f}MiB "
-                    f"peakRSS={res['peak_rss_bytes'] / 2**20:.0f}MiB ppl={res['ppl']:.3f} "
-                    f"needle={res['needle_recall']} wall={res['wall_s']:.0f}s",
-                    flush=True,
-                )
+                failures += not run_configuration(__file__, cfg, f"[kvpress] {p:6s} N={n:5d} B={b:4d}", env,
+                                                  args.timeout, args.out, command)
     return 1 if failures else 0
 
 
