@@ -54,6 +54,7 @@ from run_kvpress import (
     _ints,
     _reset_hwm,
     _vm_hwm_bytes,
+    add_protocol_args,
     essays_text,
     finish_record,
     run_configuration,
@@ -333,29 +334,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--snapkv-kernel", type=int, default=None, help="default: caote's (5)"
     )
-    ap.add_argument("--out", required=True, help="JSON-lines file to append to")
-    ap.add_argument("--ppl-tokens", type=int, default=256)
-    ap.add_argument(
-        "--needle-depths",
-        default="0.1,0.5,0.9",
-        help="comma list; empty string disables",
-    )
-    ap.add_argument(
-        "--needle-lens",
-        type=_ints,
-        default=None,
-        help="comma list: run the needle test only at these prompt lengths (default: all)",
-    )
-    ap.add_argument("--needle-new-tokens", type=int, default=16)
-    ap.add_argument(
-        "--no-answer-prefix",
-        action="store_true",
-        help="do not feed the answer prefix after the question",
-    )
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--timeout", type=float, default=1800, help="seconds per configuration"
-    )
+    add_protocol_args(ap)
     args = ap.parse_args(argv)
 
     from caote.policy import METHODS

@@ -412,6 +412,20 @@ def run_configuration(script: str, cfg: dict, label: str, env: dict, timeout: fl
     return True
 
 
+def add_protocol_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the shared measurement protocol (both drivers take them)."""
+    ap.add_argument("--out", required=True, help="JSON-lines file to append to")
+    ap.add_argument("--ppl-tokens", type=int, default=256)
+    ap.add_argument("--needle-depths", default="0.1,0.5,0.9", help="comma list; empty string disables")
+    ap.add_argument("--needle-lens", type=_ints, default=None,
+                    help="comma list: run the needle test only at these prompt lengths (default: all)")
+    ap.add_argument("--needle-new-tokens", type=int, default=16)
+    ap.add_argument("--no-answer-prefix", action="store_true",
+                    help="do not feed the answer prefix after the question (pure pipeline call)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":  # internal: one configuration
@@ -436,29 +450,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--presses", default=",".join(PRESSES), help="comma list from: none,snapkv,tova"
     )
-    ap.add_argument("--out", required=True, help="JSON-lines file to append to")
-    ap.add_argument("--ppl-tokens", type=int, default=256)
-    ap.add_argument(
-        "--needle-depths",
-        default="0.1,0.5,0.9",
-        help="comma list; empty string disables",
-    )
-    ap.add_argument(
-        "--needle-lens",
-        type=_ints,
-        default=None,
-        help="comma list: run the needle test only at these prompt lengths (default: all)",
-    )
-    ap.add_argument("--needle-new-tokens", type=int, default=16)
-    ap.add_argument(
-        "--no-answer-prefix",
-        action="store_true",
-        help="do not feed the answer prefix after the question (pure pipeline call)",
-    )
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--timeout", type=float, default=1800, help="seconds per configuration"
-    )
+    add_protocol_args(ap)
     args = ap.parse_args(argv)
 
     presses = [p for p in args.presses.split(",") if p]
