@@ -47,9 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_kvpress import (
     ANSWER,
     ANSWER_PREFIX,
-    NEEDLE,
-    QUESTION,
-    QUESTION_PREFIX,
     RssSampler,
     _ints,
     _reset_hwm,
@@ -57,6 +54,8 @@ from run_kvpress import (
     add_protocol_args,
     essays_text,
     finish_record,
+    needle_context,
+    question_ids,
     run_configuration,
 )
 
@@ -73,57 +72,6 @@ DEFAULT_METHODS = (
 # --------------------------------------------------------------------------- #
 # Worker: one configuration in a fresh process
 # --------------------------------------------------------------------------- #
-def needle_context(
-    tok, ids_all, n: int, depth: float
-) -> tuple[list[int], list[int], int]:
-    """``(head_ids, ctx_ids, insert_token)``: the same layout as ``run_kvpress.py``.
-
-    Chat-template head (system turn + ``<|im_start|>user\\n``) + haystack with the
-    needle inserted at ``round(depth * haystack_tokens)`` moved back to the previous
-    sentence end, at the token level; exactly ``n`` tokens.
-    """
-    placeholder = "\x00CTX\x00"
-    sep = "#" * (len(placeholder) + 10)
-    templ = tok.apply_chat_template(
-        [{"role": "user", "content": placeholder + sep}],
-        add_generation_prompt=True,
-        tokenize=False,
-        enable_thinking=False,
-    )
-    head = templ.split(sep)[0].split(placeholder)[0]
-    head_ids = tok.encode(head, add_special_tokens=False)
-    needle_ids = tok.encode(NEEDLE, add_special_tokens=False)
-    hay_len = n - len(head_ids) - len(needle_ids)
-    hay = ids_all[0, :hay_len].tolist()
-    pos = round(depth * hay_len)
-    p = pos
-    while 0 < p < hay_len and not tok.decode(hay[p - 1 : p]).rstrip().endswith(
-        (".", "?", "!")
-    ):
-        p -= 1
-    pos = p if p > 0 else pos
-    ctx = head_ids + hay[:pos] + needle_ids + hay[pos:]
-    assert len(ctx) == n, (len(ctx), n)
-    return head_ids, ctx, len(head_ids) + pos
-
-
-def question_ids(tok, answer_prefix: str) -> list[int]:
-    """``"\\n" + question + end-of-user/assistant header + answer prefix`` (as run_kvpress.py)."""
-    placeholder = "\x00CTX\x00"
-    sep = "#" * (len(placeholder) + 10)
-    templ = tok.apply_chat_template(
-        [{"role": "user", "content": placeholder + sep}],
-        add_generation_prompt=True,
-        tokenize=False,
-        enable_thinking=False,
-    )
-    question_suffix = templ.split(sep)[1]
-    return tok.encode(
-        QUESTION_PREFIX + QUESTION + question_suffix + answer_prefix,
-        add_special_tokens=False,
-    )
-
-
 def worker(cfg: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

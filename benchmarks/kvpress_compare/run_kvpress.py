@@ -164,6 +164,56 @@ def make_press(name: str, ratio: float):
     raise ValueError(name)
 
 
+def chat_template_parts(tok) -> tuple[str, str]:
+    """Split the chat template as KVPressTextGenerationPipeline.preprocess does: the head before the
+    context, and the tail (end of the user turn, assistant header) that goes after the question."""
+    placeholder = "\x00CTX\x00"
+    sep = "#" * (len(placeholder) + 10)
+    templ = tok.apply_chat_template(
+        [{"role": "user", "content": placeholder + sep}],
+        add_generation_prompt=True,
+        tokenize=False,
+        enable_thinking=False,
+    )
+    head_and_ctx, question_suffix = templ.split(sep)
+    return head_and_ctx.split(placeholder)[0], question_suffix
+
+
+def needle_context(
+    tok, ids_all, n: int, depth: float
+) -> tuple[list[int], list[int], int]:
+    """``(head_ids, ctx_ids, insert_token)``: the same layout as ``run_kvpress.py``.
+
+    Chat-template head (system turn + ``<|im_start|>user\\n``) + haystack with the
+    needle inserted at ``round(depth * haystack_tokens)`` moved back to the previous
+    sentence end, at the token level; exactly ``n`` tokens.
+    """
+    head, _ = chat_template_parts(tok)
+    head_ids = tok.encode(head, add_special_tokens=False)
+    needle_ids = tok.encode(NEEDLE, add_special_tokens=False)
+    hay_len = n - len(head_ids) - len(needle_ids)
+    hay = ids_all[0, :hay_len].tolist()
+    pos = round(depth * hay_len)
+    p = pos
+    while 0 < p < hay_len and not tok.decode(hay[p - 1 : p]).rstrip().endswith(
+        (".", "?", "!")
+    ):
+        p -= 1
+    pos = p if p > 0 else pos
+    ctx = head_ids + hay[:pos] + needle_ids + hay[pos:]
+    assert len(ctx) == n, (len(ctx), n)
+    return head_ids, ctx, len(head_ids) + pos
+
+
+def question_ids(tok, answer_prefix: str) -> list[int]:
+    """``"\\n" + question + end-of-user/assistant header + answer prefix`` ."""
+    _, question_suffix = chat_template_parts(tok)
+    return tok.encode(
+        QUESTION_PREFIX + QUESTION + question_suffix + answer_prefix,
+        add_special_tokens=False,
+    )
+
+
 def finish_record(result: dict, answers: list, q_ids: list, answer_prefix: str, depths, n: int, cfg: dict,
                   max_pos, files: list, *, needle_mode: str, library: tuple[str, str],
                   transformers_version: str, torch_version: str) -> None:
@@ -314,38 +364,11 @@ def worker(cfg: dict) -> dict:
     if depths:
         t0 = time.perf_counter()
         pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tok)
-        # Same split as KVPressTextGenerationPipeline.preprocess: chat template around
-        # the context, the tail of the template goes after the question.
-        placeholder = "\x00CTX\x00"
-        sep = "#" * (len(placeholder) + 10)
-        templ = tok.apply_chat_template(
-            [{"role": "user", "content": placeholder + sep}],
-            add_generation_prompt=True,
-            tokenize=False,
-            enable_thinking=False,
-        )
-        head_and_ctx, question_suffix = templ.split(sep)
-        head = head_and_ctx.split(placeholder)[0]
-        head_ids = tok.encode(head, add_special_tokens=False)
-        needle_ids = tok.encode(NEEDLE, add_special_tokens=False)
-        hay_len = n - len(head_ids) - len(needle_ids)
-        hay = ids_all[0, :hay_len].tolist()
         answer_prefix = ANSWER_PREFIX if cfg.get("answer_prefix", True) else ""
-        q_ids = tok.encode(
-            QUESTION_PREFIX + QUESTION + question_suffix + answer_prefix,
-            add_special_tokens=False,
-        )
+        q_ids = question_ids(tok, answer_prefix)
         for d in depths:
-            pos = round(d * hay_len)
-            # move back to just after a sentence end so the needle is its own sentence
-            p = pos
-            while 0 < p < hay_len and not tok.decode(hay[p - 1 : p]).rstrip().endswith(
-                (".", "?", "!")
-            ):
-                p -= 1
-            pos = p if p > 0 else pos
-            ctx_ids = torch.tensor([head_ids + hay[:pos] + needle_ids + hay[pos:]])
-            assert ctx_ids.shape[1] == n
+            _, ctx, insert_token = needle_context(tok, ids_all, n, d)
+            ctx_ids = torch.tensor([ctx])
             with torch.inference_mode():
                 ans = pipe._forward(
                     {"context_ids": ctx_ids, "questions_ids": [torch.tensor([q_ids])]},
@@ -355,7 +378,7 @@ def worker(cfg: dict) -> dict:
             answers.append(
                 {
                     "depth": d,
-                    "insert_token": len(head_ids) + pos,
+                    "insert_token": insert_token,
                     "answer": ans,
                     "found": ANSWER in ans.lower(),
                 }
