@@ -10,6 +10,7 @@ from caote.eval.needle import (
     depth_grid,
     format_prompt,
     make_needle_samples,
+    needle_prefix_recovered,
     needle_recovered,
 )
 
@@ -101,3 +102,15 @@ def test_depth_grid():
 def test_too_short_context_rejected(tokenizer):
     with pytest.raises(ValueError):
         make_needle_samples(tokenizer, [40], [0.5], seed=0)
+
+
+def test_needle_prefix_recovered():
+    assert needle_prefix_recovered(" 6112099.", "6112099") == 1.0
+    assert needle_prefix_recovered("It is 6112099", "6112099") == 1.0      # recovered anywhere counts fully
+    assert needle_prefix_recovered(" 612.", "6112099") == pytest.approx(2 / 7)   # "61" then a wrong digit
+    assert needle_prefix_recovered(" 61.", "6112099") == pytest.approx(2 / 7)
+    assert needle_prefix_recovered(" 6122.", "6112099") == pytest.approx(2 / 7)
+    assert needle_prefix_recovered(" 1.", "6112099") == 0.0                 # wrong first digit
+    assert needle_prefix_recovered("no number here", "6112099") == 0.0
+    assert needle_prefix_recovered(" 46 and 4641705", "4641705") == 1.0
+    assert needle_prefix_recovered(" 46, 4641", "4641705") == pytest.approx(2 / 7)  # only the first number

@@ -15,3 +15,20 @@ def test_caote_effect_is_the_relative_change_of_the_gap():
     assert "`+caote` shrinks the gap in 1 of 1 cells." in text
     assert "`+fastcaote` shrinks the gap in 0 of 1 cells." in text
     assert "smaller gap than `+caote` in 0 of 1 cells" in text
+
+
+def _needle(method, budget, depth, prediction, expected="6112099", length=100):
+    return {"length": length, "method": method, "budget": budget, "sample": depth, "expected": expected,
+            "prediction": prediction, "score": float(expected in prediction)}
+
+
+def test_needle_section_reports_recall_and_partial_credit():
+    from caote.eval.report import _niah_section
+
+    records = [_needle("full", None, 0.25, " 6112099."), _needle("full", None, 0.75, " 6112099."),
+               _needle("h2o", 64, 0.25, " 61."), _needle("h2o", 64, 0.75, " 1.")]
+    text = "\n".join(_niah_section(records))
+    recall, partial = text.split("Partial credit")
+    assert "| full | 1.000 |" in recall and "| h2o | 0.000 |" in recall
+    assert "| full | 1.000 |" in partial
+    assert f"| h2o | {(2 / 7 + 0) / 2:.3f} |" in partial  # "61" of 6112099 at one depth, nothing at the other

@@ -21,6 +21,7 @@ Lengths and positions, all in tokens of the given tokenizer:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -132,6 +133,29 @@ def token_index_of_char(tokenizer, text: str, char_index: int) -> int:
 def needle_recovered(answer_text: str, expected: str) -> bool:
     """Whether the needle's value appears in the generated answer (case-insensitive)."""
     return expected.strip().lower() in answer_text.lower()
+
+
+def needle_prefix_recovered(answer_text: str, expected: str) -> float:
+    """Partial credit: the share of the needle value's leading characters that the answer reproduces.
+
+    The answer's first number (first run of digits) is compared with the value from its first character on;
+    the length of their common prefix is divided by the value's length. 1.0 whenever
+    :func:`needle_recovered` holds; 0.0 when the answer has no digits. Not a RULER metric: it is reported
+    beside the binary recall because a model whose cache lost the needle's later tokens often starts the
+    value correctly and then stops (``" 61."`` for ``6112099``), which the binary score cannot tell from a
+    guess.
+    """
+    value = expected.strip()
+    if not value or needle_recovered(answer_text, value):
+        return 1.0 if value else 0.0
+    match = re.search(r"\d+", answer_text)
+    if match is None:
+        return 0.0
+    number = match.group(0)
+    prefix = 0
+    while prefix < min(len(number), len(value)) and number[prefix] == value[prefix]:
+        prefix += 1
+    return prefix / len(value)
 
 
 # ----------------------------------------------------------------------------------------------

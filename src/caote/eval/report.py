@@ -7,7 +7,8 @@ and PNG plots (matplotlib, Agg backend):
 * ``ppl_gap.png`` -- perplexity gap to ``full`` vs budget, one line per method, one panel per length;
 * ``niah_heatmap_b<budget>.png`` -- needle recall over depth x length, one panel per method, at one budget
   (``heatmap_budget``, default: the smallest);
-* ``niah_recall.png`` -- needle recall (mean over lengths and depths) vs budget, one line per method;
+* ``niah_recall.png`` -- needle recall and its partial credit (mean over lengths and depths) vs budget, one
+  line per method;
 * ``tasks_score.png`` -- task score vs budget, one line per method, one panel per task (and the average).
 
 Each table ends with a line naming the cells that are missing (or have fewer samples than the most
@@ -220,16 +221,28 @@ def _mean_score(rows):
     return _mean([float(r["score"]) for r in rows])
 
 
+def _mean_prefix(rows):
+    """Mean partial credit (:func:`caote.eval.needle.needle_prefix_recovered`), from the stored answers."""
+    from caote.eval.needle import needle_prefix_recovered
+
+    return _mean([needle_prefix_recovered(r["prediction"], r["expected"]) for r in rows])
+
+
 def _niah_section(records: list[dict]) -> list[str]:
-    lines = ["## Needle in a haystack", "", "Needle recall (fraction of samples whose answer holds the needle's value).", ""]
+    lines = ["## Needle in a haystack", ""]
     methods, budgets = _axes(records)
     lengths = sorted({r["length"] for r in records})
-    for length in lengths:
-        rows = [r for r in records if r["length"] == length]
-        depths = sorted({r["sample"] for r in rows})
-        lines += _table(_Grid(rows, _mean_score), methods, budgets, 3, f"length {length} tokens ({len(depths)} depths)")
-    if len(lengths) > 1:
-        lines += _table(_Grid(records, _mean_score), methods, budgets, 3, "all lengths")
+    for value_fn, heading in (
+            (_mean_score, "Needle recall (fraction of samples whose answer holds the needle's value)."),
+            (_mean_prefix, "Partial credit (not a RULER metric): share of the value's leading digits that the "
+                           "answer's first number reproduces, mean over samples; 1 where the needle is recovered.")):
+        lines += [heading, ""]
+        for length in lengths:
+            rows = [r for r in records if r["length"] == length]
+            depths = sorted({r["sample"] for r in rows})
+            lines += _table(_Grid(rows, value_fn), methods, budgets, 3, f"length {length} tokens ({len(depths)} depths)")
+        if len(lengths) > 1:
+            lines += _table(_Grid(records, value_fn), methods, budgets, 3, "all lengths")
     return lines
 
 
@@ -267,15 +280,17 @@ def _niah_plots(records: list[dict], out: Path, heatmap_budget: int | None) -> l
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="needle recovered")
     paths.append(_save(fig, out / f"niah_heatmap_b{budget}.png", tight=False))  # colorbar: no tight_layout
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    grid = _Grid(records, _mean_score)
-    _score_lines(ax, grid)
-    _budget_axis(ax, grid.budgets)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("budget (tokens per layer and KV head)")
-    ax.set_ylabel("needle recall (mean over lengths and depths)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, value_fn, label in ((axes[0], _mean_score, "needle recall"),
+                                (axes[1], _mean_prefix, "leading digits recovered (partial credit)")):
+        grid = _Grid(records, value_fn)
+        _score_lines(ax, grid)
+        _budget_axis(ax, grid.budgets)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("budget (tokens per layer and KV head)")
+        ax.set_ylabel(f"{label}\n(mean over lengths and depths)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
     paths.append(_save(fig, out / "niah_recall.png"))
     return paths
 
