@@ -235,7 +235,8 @@ def _niah_section(records: list[dict]) -> list[str]:
     for value_fn, heading in (
             (_mean_score, "Needle recall (fraction of samples whose answer holds the needle's value)."),
             (_mean_prefix, "Partial credit (not a RULER metric): share of the value's leading digits that the "
-                           "answer's first number reproduces, mean over samples; 1 where the needle is recovered.")):
+                           "answer's first number reproduces, mean over samples; 1 where the needle is recovered. A guess "
+                           "has the right first digit about one time in ten (1/7 for a 7-digit value).")):
         lines += [heading, ""]
         for length in lengths:
             rows = [r for r in records if r["length"] == length]
