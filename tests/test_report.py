@@ -32,3 +32,19 @@ def test_needle_section_reports_recall_and_partial_credit():
     assert "| full | 1.000 |" in recall and "| h2o | 0.000 |" in recall
     assert "| full | 1.000 |" in partial
     assert f"| h2o | {(2 / 7 + 0) / 2:.3f} |" in partial  # "61" of 6112099 at one depth, nothing at the other
+
+
+def test_task_effect_counts_better_same_worse_per_cell():
+    from caote.eval.report import _score_effect_section
+
+    def rec(method, budget, task, score):
+        return {"length": 100, "method": method, "budget": budget, "task": task, "sample": 0, "score": score}
+
+    records = [rec("h2o", 64, "a", 0.5), rec("h2o+caote", 64, "a", 1.0),   # better
+               rec("h2o", 64, "b", 0.5), rec("h2o+caote", 64, "b", 0.5),   # same
+               rec("h2o", 128, "a", 1.0), rec("h2o+caote", 128, "a", 0.0),  # worse
+               rec("h2o+fastcaote", 64, "a", 0.0)]                          # worse; no base for others
+    text = "\n".join(_score_effect_section(records))
+    assert "| h2o+caote | 1 | 1 | 1 |" in text
+    assert "| h2o+fastcaote | 0 | 0 | 1 |" in text
+    assert "tova+caote" not in text

@@ -322,7 +322,29 @@ def _tasks_section(records: list[dict]) -> list[str]:
 
             lines += _table(_Grid(at_length, task_average), methods, budgets, 3,
                             f"average over {len(present)} tasks, length {length}")
-    return lines
+    return lines + _score_effect_section(records)
+
+
+def _score_effect_section(records: list[dict]) -> list[str]:
+    """Does adding CAOTE change task scores? Per (task, length, budget) cell: better / same / worse than the base."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        cells[(r["task"], r["length"], r["method"], r["budget"])].append(r)
+    score = {cell: _mean_score(rows) for cell, rows in cells.items()}
+    lines = []
+    for base in ("h2o", "tova", "snapkv"):
+        for fix in ("caote", "fastcaote"):
+            method = f"{base}+{fix}"
+            diffs = [value - score[(task, length, base, budget)] for (task, length, m, budget), value in score.items()
+                     if m == method and (task, length, base, budget) in score]
+            if diffs:
+                lines.append(f"| {method} | {sum(d > 0 for d in diffs)} | {sum(d == 0 for d in diffs)} | "
+                             f"{sum(d < 0 for d in diffs)} |")
+    if not lines:
+        return []
+    return ["### Does CAOTE help? Task scores against the base policy", "",
+            "Cells = task x length x budget with both scores (mean over samples).", "",
+            "| method | better | same | worse |", "|---|---:|---:|---:|", *lines, ""]
 
 
 def _score_lines(ax, grid) -> None:
