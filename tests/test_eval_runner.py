@@ -168,6 +168,8 @@ def test_report_names_missing_cells(tmp_path):
         {"eval": "niah", "model": "m", "block_size": 8, "method": "h2o", "budget": 32, "length": 100,
          "task": None, "sample": 0.5, "score": 1.0},
     ]
+    for r in rows:  # as run_niah writes them
+        r.update(expected="1234567", prediction=" 1234567." if r["score"] else " 7.")
     (tmp_path / "niah.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report.write_report(tmp_path)
     md = (tmp_path / "results.md").read_text()
