@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from caote.eval.runner import read_jsonl
-from caote.policy import METHODS
+from caote.policy import METHODS, parse_method
 
 # Paper-like row order: full, streaming, caote, then each score base followed by its corrections.
 METHOD_ORDER: tuple[str, ...] = (
@@ -33,6 +33,9 @@ METHOD_ORDER: tuple[str, ...] = (
     "snapkv", "snapkv+caote", "snapkv+fastcaote",
 )
 assert set(METHOD_ORDER) == set(METHODS)
+# the base+correction methods, in METHOD_ORDER's order, as (method, base, correction)
+CORRECTED: tuple[tuple[str, str, str], ...] = tuple(
+    (m, *parse_method(m)) for m in METHOD_ORDER if parse_method(m)[1] is not None)
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
@@ -152,24 +155,23 @@ def _caote_effect_section(records: list[dict]) -> list[str]:
     """Does adding CAOTE help? Relative change of each base policy's perplexity gap, cell by cell."""
     ppl = ppl_summary(records)
     cells = sorted({(length, budget) for length, _, budget in ppl if budget is not None})
-    columns = [f"{base}+{fix}" for base in ("h2o", "tova", "snapkv") for fix in ("caote", "fastcaote")]
+    columns = [method for method, _, _ in CORRECTED]
     rows, helped, compared, fast_wins, pairs = [], defaultdict(int), defaultdict(int), 0, 0
     for length, budget in cells:
         full = ppl.get((length, "full", None))
         if full is None:
             continue
         row = []
-        for column in columns:
-            base = column.split("+")[0]
+        for column, base, fix in CORRECTED:
             with_fix, without = ppl.get((length, column, budget)), ppl.get((length, base, budget))
             if with_fix is None or without is None or without - full <= 0:
                 row.append("—")
                 continue
             change = 1.0 - (with_fix - full) / (without - full)
-            compared[column.split("+")[1]] += 1
-            helped[column.split("+")[1]] += change > 0
+            compared[fix] += 1
+            helped[fix] += change > 0
             row.append(f"{change:+.1%}")
-        for base in ("h2o", "tova", "snapkv"):
+        for base in dict.fromkeys(base for _, base, _ in CORRECTED):
             caote, fast = ppl.get((length, f"{base}+caote", budget)), ppl.get((length, f"{base}+fastcaote", budget))
             if caote is not None and fast is not None:
                 pairs += 1
@@ -180,7 +182,7 @@ def _caote_effect_section(records: list[dict]) -> list[str]:
     lines = ["### Does CAOTE help? Change of the perplexity gap to full", "",
              "Positive = the correction shrinks the base policy's gap (by that fraction of it); negative = it widens it.",
              "", "| length | budget | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns), *rows, ""]
-    for fix in ("caote", "fastcaote"):
+    for fix in dict.fromkeys(fix for _, _, fix in CORRECTED):
         if compared[fix]:
             lines.append(f"- `+{fix}` shrinks the gap in {helped[fix]} of {compared[fix]} cells.")
     if pairs:
@@ -332,14 +334,12 @@ def _score_effect_section(records: list[dict]) -> list[str]:
         cells[(r["task"], r["length"], r["method"], r["budget"])].append(r)
     score = {cell: _mean_score(rows) for cell, rows in cells.items()}
     lines = []
-    for base in ("h2o", "tova", "snapkv"):
-        for fix in ("caote", "fastcaote"):
-            method = f"{base}+{fix}"
-            diffs = [value - score[(task, length, base, budget)] for (task, length, m, budget), value in score.items()
-                     if m == method and (task, length, base, budget) in score]
-            if diffs:
-                lines.append(f"| {method} | {sum(d > 0 for d in diffs)} | {sum(d == 0 for d in diffs)} | "
-                             f"{sum(d < 0 for d in diffs)} |")
+    for method, base, _ in CORRECTED:
+        diffs = [value - score[(task, length, base, budget)] for (task, length, m, budget), value in score.items()
+                 if m == method and (task, length, base, budget) in score]
+        if diffs:
+            lines.append(f"| {method} | {sum(d > 0 for d in diffs)} | {sum(d == 0 for d in diffs)} | "
+                         f"{sum(d < 0 for d in diffs)} |")
     if not lines:
         return []
     return ["### Does CAOTE help? Task scores against the base policy", "",
