@@ -30,12 +30,9 @@ thread. One JSON line per configuration is appended to ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.metadata
 import json
-import math
-import os
 import shlex
 import sys
 import time
@@ -45,18 +42,20 @@ from pathlib import Path
 # worker functions, so importing it here pulls in the standard library only.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_kvpress import (
-    ANSWER,
     ANSWER_PREFIX,
-    RssSampler,
     _ints,
-    _reset_hwm,
-    _vm_hwm_bytes,
     add_protocol_args,
-    essays_text,
+    continuation_ppl,
     finish_record,
+    load_model_and_essays,
+    needle_answer,
     needle_context,
+    prefill_memory,
+    protocol_cfg,
     question_ids,
     run_configuration,
+    start_worker,
+    worker_env,
 )
 
 DEFAULT_METHODS = (
@@ -73,18 +72,9 @@ DEFAULT_METHODS = (
 # Worker: one configuration in a fresh process
 # --------------------------------------------------------------------------- #
 def worker(cfg: dict) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import psutil
+    start_worker(cfg)
     import torch
-
-    torch.set_num_threads(cfg["threads"])
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
-
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import caote
     from caote import hf
@@ -104,20 +94,8 @@ def worker(cfg: dict) -> dict:
             model, budget=budget, method=method, block_size=block, **options
         )
 
-    tok = AutoTokenizer.from_pretrained(cfg["model"], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg["model"], dtype=torch.float32, local_files_only=True
-    )
-    model.eval()
+    tok, model, ids_all, files = load_model_and_essays(cfg)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-
-    text, files = essays_text()
-    ids_all = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    need = n + cfg["ppl_tokens"]
-    if ids_all.shape[1] < need:
-        raise SystemExit(f"essays have {ids_all.shape[1]} tokens, need {need}")
-
-    proc = psutil.Process()
     cache = new_cache()  # attaches caote's attention function to the model
     cfg_used = cache.config
     result: dict = {
@@ -140,15 +118,11 @@ def worker(cfg: dict) -> dict:
 
     # ---------------- prefill: time, KV bytes, RSS ---------------- #
     prompt = ids_all[:, :n]
-    cont = ids_all[:, n:need]
-    gc.collect()
-    rss_before = proc.memory_info().rss
-    hwm_ok = _reset_hwm()
-    with RssSampler() as sampler:
+    cont = ids_all[:, n : n + cfg["ppl_tokens"]]
+    with prefill_memory(result):
         t0 = time.perf_counter()
         logits = caote.prefill(model, prompt, cache, block)  # (1, 1, V), inference mode
         prefill_s = time.perf_counter() - t0
-    hwm = _vm_hwm_bytes() if hwm_ok else None
     result.update(
         prefill_s=prefill_s,
         peak_kv_bytes=cache.peak_kv_bytes(),
@@ -157,30 +131,15 @@ def worker(cfg: dict) -> dict:
         peak_stored_tokens=cache.peak_stored_tokens,
         full_kv_bytes=cache.full_kv_bytes(),
         allocated_kv_bytes=cache.allocated_kv_bytes(),
-        peak_rss_bytes=hwm if hwm is not None else sampler.peak,
-        peak_rss_source="VmHWM" if hwm is not None else "psutil-sampled",
-        peak_rss_sampled_bytes=sampler.peak,
-        rss_before_prefill_bytes=rss_before,
     )
 
     # ---------------- perplexity of the continuation ---------------- #
     # Positions come from the cache (tokens seen = n + i), the same absolute
     # positions run_kvpress.py passes explicitly.
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        nll = 0.0
-        m = cont.shape[1]
-        for i in range(m):
-            lp = torch.log_softmax(logits[0, -1].double(), dim=-1)
-            nll -= float(lp[cont[0, i]])
-            if i == m - 1:
-                break
-            logits = hf.forward(
-                model, cont[:, i : i + 1], cache, logits_to_keep=1
-            ).logits
-    result["ppl"] = math.exp(nll / m)
-    result["ppl_tokens"] = m
-    result["ppl_decode_s"] = time.perf_counter() - t0
+    continuation_ppl(
+        result, logits, cont,
+        lambda i: hf.forward(model, cont[:, i : i + 1], cache, logits_to_keep=1).logits,
+    )
     result["kv_bytes_after_ppl"] = cache.kv_bytes()
     del cache, logits
     gc.collect()
@@ -213,14 +172,7 @@ def worker(cfg: dict) -> dict:
                     if generated[-1] in stop_ids:
                         break
             ans = tok.decode(generated, skip_special_tokens=True)
-            answers.append(
-                {
-                    "depth": d,
-                    "insert_token": insert_token,
-                    "answer": ans,
-                    "found": ANSWER in ans.lower(),
-                }
-            )
+            answers.append(needle_answer(d, insert_token, ans))
             del cache
         result["needle_s"] = time.perf_counter() - t0
     finish_record(
@@ -294,17 +246,9 @@ def main(argv=None) -> int:
     if args.block_size <= 0:
         ap.error("--block-size must be positive")
     model = str(Path(args.model).expanduser()) if args.model else _default_model()
-    depths = [float(x) for x in args.needle_depths.split(",") if x]
     command = shlex.join([sys.executable, *sys.argv])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = worker_env(args.threads)
     failures = 0
     for n in args.prompt_lens:
         for b in args.budgets:
@@ -317,13 +261,7 @@ def main(argv=None) -> int:
                     "block_size": args.block_size,
                     "snapkv_window": args.snapkv_window,
                     "snapkv_kernel": args.snapkv_kernel,
-                    "ppl_tokens": args.ppl_tokens,
-                    "needle_depths": depths
-                    if args.needle_lens is None or n in args.needle_lens
-                    else [],
-                    "needle_new_tokens": args.needle_new_tokens,
-                    "threads": args.threads,
-                    "answer_prefix": not args.no_answer_prefix,
+                    **protocol_cfg(args, n),
                 }
                 failures += not run_configuration(__file__, cfg, f"[caote] {meth:16s} N={n:5d} B={b:4d}", env,
                                                   args.timeout, args.out, command)

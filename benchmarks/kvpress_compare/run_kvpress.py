@@ -148,6 +148,85 @@ def cache_kv_bytes(cache) -> tuple[int, list[int]]:
 
 
 # --------------------------------------------------------------------------- #
+# Worker steps shared by both drivers (caote's run_caote.py imports them)
+# --------------------------------------------------------------------------- #
+def start_worker(cfg: dict) -> None:
+    """Offline, ``cfg["threads"]`` torch threads (one inter-op thread), seed 0."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+
+
+def load_model_and_essays(cfg: dict, **model_kwargs):
+    """``(tokenizer, model, essay_ids, essay_files)`` from the local folder ``cfg["model"]`` (float32, eval
+    mode); exits when the essays are shorter than ``prompt_tokens + ppl_tokens``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg["model"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model"], dtype=torch.float32, local_files_only=True, **model_kwargs
+    )
+    model.eval()
+    text, files = essays_text()
+    ids_all = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    need = cfg["prompt_tokens"] + cfg["ppl_tokens"]
+    if ids_all.shape[1] < need:
+        raise SystemExit(f"essays have {ids_all.shape[1]} tokens, need {need}")
+    return tok, model, ids_all, files
+
+
+@contextlib.contextmanager
+def prefill_memory(result: dict):
+    """Measure the process's peak RSS over the ``with`` body into ``result`` (the kernel's high-water mark,
+    reset on entry, with a sampled cross-check)."""
+    import psutil
+
+    gc.collect()
+    rss_before = psutil.Process().memory_info().rss
+    hwm_ok = _reset_hwm()
+    with RssSampler() as sampler:
+        yield
+    hwm = _vm_hwm_bytes() if hwm_ok else None
+    result.update(
+        peak_rss_bytes=hwm if hwm is not None else sampler.peak,
+        peak_rss_source="VmHWM" if hwm is not None else "psutil-sampled",
+        peak_rss_sampled_bytes=sampler.peak,
+        rss_before_prefill_bytes=rss_before,
+    )
+
+
+def continuation_ppl(result: dict, logits, cont, next_logits) -> None:
+    """Teacher-forced perplexity of ``cont`` (1, m): ``logits`` predicts ``cont[0, 0]`` and
+    ``next_logits(i)`` feeds ``cont[0, i]`` through the cache and returns the logits predicting the next
+    token. Writes ``ppl``, ``ppl_tokens`` and ``ppl_decode_s`` into ``result``."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        nll = 0.0
+        m = cont.shape[1]
+        for i in range(m):
+            lp = torch.log_softmax(logits[0, -1].double(), dim=-1)
+            nll -= float(lp[cont[0, i]])
+            if i == m - 1:
+                break
+            logits = next_logits(i)
+    result["ppl"] = math.exp(nll / m)
+    result["ppl_tokens"] = m
+    result["ppl_decode_s"] = time.perf_counter() - t0
+
+
+def needle_answer(depth: float, insert_token: int, answer: str) -> dict:
+    return {"depth": depth, "insert_token": insert_token, "answer": answer, "found": ANSWER in answer.lower()}
+
+
+# --------------------------------------------------------------------------- #
 # Worker: one configuration in a fresh process
 # --------------------------------------------------------------------------- #
 def make_press(name: str, ratio: float):
@@ -240,42 +319,18 @@ def finish_record(result: dict, answers: list, q_ids: list, answer_prefix: str, 
 
 
 def worker(cfg: dict) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import psutil
+    start_worker(cfg)
     import torch
-
-    torch.set_num_threads(cfg["threads"])
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
-
     import transformers
     from kvpress.pipeline import KVPressTextGenerationPipeline
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+    from transformers import DynamicCache
 
     press_name, n, budget = cfg["press"], cfg["prompt_tokens"], cfg["budget"]
     if not 0 < budget <= n:
         raise SystemExit(f"budget {budget} must be in (0, {n}]")
     ratio = 1.0 - budget / n  # kvpress keeps int(n * (1 - ratio)) tokens per layer/head
-
-    tok = AutoTokenizer.from_pretrained(cfg["model"], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg["model"],
-        dtype=torch.float32,
-        attn_implementation="sdpa",
-        local_files_only=True,
-    )
-    model.eval()
+    tok, model, ids_all, files = load_model_and_essays(cfg, attn_implementation="sdpa")
     max_pos = getattr(model.config, "max_position_embeddings", None)
-
-    text, files = essays_text()
-    ids_all = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    need = n + cfg["ppl_tokens"]
-    if ids_all.shape[1] < need:
-        raise SystemExit(f"essays have {ids_all.shape[1]} tokens, need {need}")
-
-    proc = psutil.Process()
     result: dict = {
         "press": press_name,
         "prompt_tokens": n,
@@ -287,7 +342,7 @@ def worker(cfg: dict) -> dict:
 
     # ---------------- prefill: time, KV bytes, RSS ---------------- #
     prompt = ids_all[:, :n]
-    cont = ids_all[:, n:need]
+    cont = ids_all[:, n : n + cfg["ppl_tokens"]]
     cache = DynamicCache()
     observed: list[int] = []
 
@@ -299,26 +354,21 @@ def worker(cfg: dict) -> dict:
     handles = [
         m.register_forward_hook(kv_probe, with_kwargs=True) for m in attn_modules
     ]  # before press hook
-    gc.collect()
-    rss_before = proc.memory_info().rss
-    hwm_ok = _reset_hwm()
     ctx = press(model) if press is not None else contextlib.nullcontext()
-    with torch.inference_mode():
+    with prefill_memory(result), torch.inference_mode():
         ctx.__enter__()
         # after the press hook (registered by ctx.__enter__) -> sees the compressed layer
         handles += [
             m.register_forward_hook(kv_probe, with_kwargs=True) for m in attn_modules
         ]
         try:
-            with RssSampler() as sampler:
-                t0 = time.perf_counter()
-                out = model.model(input_ids=prompt, past_key_values=cache)
-                prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.model(input_ids=prompt, past_key_values=cache)
+            prefill_s = time.perf_counter() - t0
         finally:
             ctx.__exit__(None, None, None)
             for h in handles:
                 h.remove()
-    hwm = _vm_hwm_bytes() if hwm_ok else None
     kv_after, lens_after = cache_kv_bytes(cache)
     observed.append(kv_after)
     # bytes per token per layer (K+V, all KV heads)
@@ -329,33 +379,18 @@ def worker(cfg: dict) -> dict:
         kv_bytes_after=kv_after,
         kv_tokens_after_per_layer=sorted(set(lens_after)),
         full_kv_bytes=round(per_tok * n * len(lens_after)),
-        peak_rss_bytes=hwm if hwm is not None else sampler.peak,
-        peak_rss_source="VmHWM" if hwm is not None else "psutil-sampled",
-        peak_rss_sampled_bytes=sampler.peak,
-        rss_before_prefill_bytes=rss_before,
     )
 
     # ---------------- perplexity of the continuation ---------------- #
-    t0 = time.perf_counter()
     with torch.inference_mode():
         logits = model.lm_head(out.last_hidden_state[:, -1:, :])  # predicts cont[0]
-        del out
-        nll = 0.0
-        m = cont.shape[1]
-        for i in range(m):
-            lp = torch.log_softmax(logits[0, -1].double(), dim=-1)
-            nll -= float(lp[cont[0, i]])
-            if i == m - 1:
-                break
-            logits = model(
-                input_ids=cont[:, i : i + 1],
-                past_key_values=cache,
-                position_ids=torch.tensor([[n + i]]),
-            ).logits
-    result["ppl"] = math.exp(nll / m)
-    result["ppl_tokens"] = m
-    result["ppl_decode_s"] = time.perf_counter() - t0
-    del cache
+    del out
+    continuation_ppl(
+        result, logits, cont,
+        lambda i: model(input_ids=cont[:, i : i + 1], past_key_values=cache,
+                        position_ids=torch.tensor([[n + i]])).logits,
+    )
+    cache = None  # free the prefill cache before the needle runs
     gc.collect()
 
     # ---------------- needle recall (kvpress pipeline semantics) ---------------- #
@@ -375,14 +410,7 @@ def worker(cfg: dict) -> dict:
                     max_new_tokens=cfg["needle_new_tokens"],
                     press=make_press(press_name, ratio),
                 )[0]
-            answers.append(
-                {
-                    "depth": d,
-                    "insert_token": insert_token,
-                    "answer": ans,
-                    "found": ANSWER in ans.lower(),
-                }
-            )
+            answers.append(needle_answer(d, insert_token, ans))
         result["needle_s"] = time.perf_counter() - t0
     finish_record(
         result, answers, q_ids, answer_prefix, depths, n, cfg, max_pos, files,
@@ -449,6 +477,24 @@ def add_protocol_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
 
 
+def protocol_cfg(args: argparse.Namespace, prompt_tokens: int) -> dict:
+    """A worker configuration's protocol fields (the options ``add_protocol_args`` defines)."""
+    needle = args.needle_lens is None or prompt_tokens in args.needle_lens
+    return {
+        "ppl_tokens": args.ppl_tokens,
+        "needle_depths": [float(x) for x in args.needle_depths.split(",") if x] if needle else [],
+        "needle_new_tokens": args.needle_new_tokens,
+        "threads": args.threads,
+        "answer_prefix": not args.no_answer_prefix,
+    }
+
+
+def worker_env(threads: int) -> dict:
+    """The workers' environment: ``threads`` OpenMP/MKL threads, offline, no tokenizer parallelism."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":  # internal: one configuration
@@ -480,17 +526,9 @@ def main(argv=None) -> int:
     for p in presses:
         if p not in PRESSES:
             ap.error(f"unknown press {p!r}")
-    depths = [float(x) for x in args.needle_depths.split(",") if x]
     command = shlex.join([sys.executable, *sys.argv])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(args.threads),
-        MKL_NUM_THREADS=str(args.threads),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = worker_env(args.threads)
     failures = 0
     for n in args.prompt_lens:
         for b in args.budgets:
@@ -500,13 +538,7 @@ def main(argv=None) -> int:
                     "press": p,
                     "prompt_tokens": n,
                     "budget": b,
-                    "ppl_tokens": args.ppl_tokens,
-                    "needle_depths": depths
-                    if args.needle_lens is None or n in args.needle_lens
-                    else [],
-                    "needle_new_tokens": args.needle_new_tokens,
-                    "threads": args.threads,
-                    "answer_prefix": not args.no_answer_prefix,
+                    **protocol_cfg(args, n),
                 }
                 failures += not run_configuration(__file__, cfg, f"[kvpress] {p:6s} N={n:5d} B={b:4d}", env,
                                                   args.timeout, args.out, command)
