@@ -48,3 +48,21 @@ def test_task_effect_counts_better_same_worse_per_cell():
     assert "| h2o+caote | 1 | 1 | 1 |" in text
     assert "| h2o+fastcaote | 0 | 0 | 1 |" in text
     assert "tova+caote" not in text
+
+
+def test_means_over_lengths_use_only_lengths_with_every_cell():
+    from caote.eval.report import _common_lengths
+
+    def rec(length, method, budget):
+        return {"length": length, "method": method, "budget": budget, "task": "t", "sample": 0, "score": 1.0}
+
+    complete = [rec(100, "full", None), rec(100, "h2o", 64), rec(100, "h2o", 128)]
+    partial = [rec(200, "full", None), rec(200, "h2o", 128)]  # budget 64 not run at 200
+    kept, label = _common_lengths(complete + partial)
+    assert kept == complete and label == "mean over 100 tokens"
+    kept, label = _common_lengths(partial + [rec(300, "h2o", 64)])  # no length has both budgets and full
+    assert len(kept) == 3 and "each cell has" in label
+    other_task = dict(rec(100, "h2o", 64), task="u")  # a task run at length 100 only
+    kept, label = _common_lengths(complete + [rec(200, "full", None), rec(200, "h2o", 64), rec(200, "h2o", 128),
+                                              other_task])
+    assert kept == complete + [other_task] and label == "mean over 100 tokens"

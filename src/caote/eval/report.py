@@ -7,9 +7,13 @@ and PNG plots (matplotlib, Agg backend):
 * ``ppl_gap.png`` -- perplexity gap to ``full`` vs budget, one line per method, one panel per length;
 * ``niah_heatmap_b<budget>.png`` -- needle recall over depth x length, one panel per method, at one budget
   (``heatmap_budget``, default: the smallest);
-* ``niah_recall.png`` -- needle recall and its partial credit (mean over lengths and depths) vs budget, one
+* ``niah_recall.png`` -- needle recall and its partial credit (mean over depths and lengths) vs budget, one
   line per method;
-* ``tasks_score.png`` -- task score vs budget, one line per method, one panel per task (and the average).
+* ``tasks_score.png`` -- task score (mean over samples and lengths) vs budget, one line per method, one panel
+  per task (and the average).
+
+The plots' means over lengths use only the lengths that have every method x budget (x task) cell (:func:`_common_lengths`), so a
+partial grid does not compare a budget averaged over 2k-8k with one measured at 2k only.
 
 Each table ends with a line naming the cells that are missing (or have fewer samples than the most
 complete cell of that table), so a partial grid is never mistaken for a complete one.
@@ -60,6 +64,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -106,6 +114,23 @@ def _table(grid: _Grid, methods: Sequence[str], budgets: Sequence[int], digits: 
     return lines
 
 
+def _common_lengths(records: list[dict]) -> tuple[list[dict], str]:
+    """The records at the lengths that have every (method, budget, task) cell, so that a mean over lengths
+    compares like with like across budgets, and a label naming them. Falls back to all records (saying so)
+    when no length is complete."""
+    def cell(r: dict) -> tuple:
+        return r["method"], r["budget"], r.get("task")
+
+    cells = {cell(r) for r in records}
+    by_length: dict[int, set] = defaultdict(set)
+    for r in records:
+        by_length[r["length"]].add(cell(r))
+    complete = sorted(n for n, seen in by_length.items() if seen == cells)
+    if not complete:
+        return records, "mean over the lengths each cell has"
+    return [r for r in records if r["length"] in complete], "mean over " + "/".join(map(str, complete)) + " tokens"
+
+
 def _axes(records: list[dict], all_methods: Sequence[str] | None = None):
     methods = sorted({r["method"] for r in records} | set(all_methods or ()), key=method_sort_key)
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
@@ -140,7 +165,7 @@ def _ppl_section(records: list[dict]) -> list[str]:
         rows = [r for r in records if r["length"] == length]
         grid = _Grid(rows, _pooled_ppl)
         samples = sorted({r["sample"] for r in rows})
-        lines += _table(grid, methods, budgets, 3, f"length {length} tokens — perplexity ({len(samples)} samples)")
+        lines += _table(grid, methods, budgets, 3, f"length {length} tokens — perplexity ({_count(len(samples), 'sample')})")
         full = grid.value("full", None)
 
         def gap(rows, full=full):
@@ -243,7 +268,7 @@ def _niah_section(records: list[dict]) -> list[str]:
         for length in lengths:
             rows = [r for r in records if r["length"] == length]
             depths = sorted({r["sample"] for r in rows})
-            lines += _table(_Grid(rows, value_fn), methods, budgets, 3, f"length {length} tokens ({len(depths)} depths)")
+            lines += _table(_Grid(rows, value_fn), methods, budgets, 3, f"length {length} tokens ({_count(len(depths), 'depth')})")
         if len(lengths) > 1:
             lines += _table(_Grid(records, value_fn), methods, budgets, 3, "all lengths")
     return lines
@@ -284,14 +309,15 @@ def _niah_plots(records: list[dict], out: Path, heatmap_budget: int | None) -> l
     paths.append(_save(fig, out / f"niah_heatmap_b{budget}.png", tight=False))  # colorbar: no tight_layout
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    kept, over = _common_lengths(records)
     for ax, value_fn, label in ((axes[0], _mean_score, "needle recall"),
                                 (axes[1], _mean_prefix, "leading digits recovered (partial credit)")):
-        grid = _Grid(records, value_fn)
+        grid = _Grid(kept, value_fn)
         _score_lines(ax, grid)
         _budget_axis(ax, grid.budgets)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("budget (tokens per layer and KV head)")
-        ax.set_ylabel(f"{label}\n(mean over lengths and depths)")
+        ax.set_ylabel(f"{label}\n({over}, all depths)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     paths.append(_save(fig, out / "niah_recall.png"))
@@ -314,7 +340,7 @@ def _tasks_section(records: list[dict]) -> list[str]:
         for task in present:
             rows = [r for r in at_length if r["task"] == task]
             lines += _table(_Grid(rows, _mean_score), methods, budgets, 3,
-                            f"{task}, length {length} ({len({r['sample'] for r in rows})} samples)")
+                            f"{task}, length {length} ({_count(len({r['sample'] for r in rows}), 'sample')})")
         if len(present) > 1:
             def task_average(rows):
                 per_task = defaultdict(list)
@@ -370,11 +396,11 @@ def _tasks_plot(records: list[dict], out: Path) -> Path | None:
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.5 * rows_n), squeeze=False)
     for ax, task in zip(axes.flat, panels):
-        rows = records if task == "average" else [r for r in records if r["task"] == task]
+        rows, over = _common_lengths(records if task == "average" else [r for r in records if r["task"] == task])
         grid = _Grid(rows, _mean_score)
         _score_lines(ax, grid)
         _budget_axis(ax, grid.budgets)
-        ax.set_title(task + (" (mean over lengths)" if task != "average" else " (all tasks and lengths)"), fontsize=9)
+        ax.set_title(f"{task} ({over})" if task != "average" else f"average (all tasks, {over})", fontsize=9)
         ax.set_xlabel("budget")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
