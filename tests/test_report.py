@@ -17,6 +17,21 @@ def test_caote_effect_is_the_relative_change_of_the_gap():
     assert "smaller gap than `+caote` in 0 of 1 cells" in text
 
 
+def test_per_window_effect_counts_each_window_separately():
+    from caote.eval.report import _per_window_effect
+
+    def rec(sample, method, budget, ppl):
+        return dict(_rec(method, budget, ppl), sample=sample)
+
+    records = [rec("a", "h2o", 64, 12.0), rec("a", "h2o+caote", 64, 11.0),   # better in window a
+               rec("b", "h2o", 64, 12.0), rec("b", "h2o+caote", 64, 13.0),   # worse in window b
+               rec("a", "tova", 64, 12.0), rec("a", "tova+caote", 64, 11.0),  # better
+               rec("a", "h2o", 128, 12.0), rec("a", "h2o+fastcaote", 128, 11.5)]
+    text = "\n".join(_per_window_effect(records))
+    assert "`+caote` has the lower perplexity than its base in: b=64 2 of 3." in text
+    assert "`+fastcaote` has the lower perplexity than its base in: b=128 1 of 1." in text
+
+
 def _needle(method, budget, depth, prediction, expected="6112099", length=100):
     return {"length": length, "method": method, "budget": budget, "sample": depth, "expected": expected,
             "prediction": prediction, "score": float(expected in prediction)}

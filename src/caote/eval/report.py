@@ -212,7 +212,29 @@ def _caote_effect_section(records: list[dict]) -> list[str]:
             lines.append(f"- `+{fix}` shrinks the gap in {helped[fix]} of {compared[fix]} cells.")
     if pairs:
         lines.append(f"- `+fastcaote` has the smaller gap than `+caote` in {fast_wins} of {pairs} cells.")
-    return lines + [""]
+    return lines + _per_window_effect(records) + [""]
+
+
+def _per_window_effect(records: list[dict]) -> list[str]:
+    """The same question asked of each text window separately (not pooled): in how many (window, length, base)
+    comparisons per budget does the correction give the lower perplexity? Shows whether a pooled effect holds
+    window by window."""
+    loss = {(r["length"], r["sample"], r["method"], r["budget"]): r["nll"] / r["tokens"] for r in records if r["tokens"]}
+    better: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for (length, sample, method, budget), value in loss.items():
+        for column, base, fix in CORRECTED:
+            base_value = loss.get((length, sample, base, budget))
+            if method == column and base_value is not None:
+                better[(fix, budget)][0] += value < base_value
+                better[(fix, budget)][1] += 1
+    lines = []
+    for fix in dict.fromkeys(fix for _, _, fix in CORRECTED):
+        counts = [f"b={b} {better[(fix, b)][0]} of {better[(fix, b)][1]}"
+                  for b in sorted(b for f, b in better if f == fix)]
+        if counts:
+            lines.append(f"- Window by window, `+{fix}` has the lower perplexity than its base in: "
+                         + ", ".join(counts) + ".")
+    return lines
 
 
 def _ppl_plot(records: list[dict], out: Path) -> Path | None:
@@ -261,9 +283,9 @@ def _niah_section(records: list[dict]) -> list[str]:
     lengths = sorted({r["length"] for r in records})
     for value_fn, heading in (
             (_mean_score, "Needle recall (fraction of samples whose answer holds the needle's value)."),
-            (_mean_prefix, "Partial credit (not a RULER metric): share of the value's leading digits that the "
-                           "answer's first number reproduces, mean over samples; 1 where the needle is recovered. A guess "
-                           "has the right first digit about one time in ten (1/7 for a 7-digit value).")):
+            (_mean_prefix, ("Partial credit (not a RULER metric): share of the value's leading digits that the "
+                            "answer's first number reproduces, mean over samples; 1 where the needle is recovered. "
+                            "A guess has the right first digit about one time in ten (1/7 for a 7-digit value)."))):
         lines += [heading, ""]
         for length in lengths:
             rows = [r for r in records if r["length"] == length]
