@@ -12,8 +12,9 @@ and PNG plots (matplotlib, Agg backend):
 * ``tasks_score.png`` -- task score (mean over samples and lengths) vs budget, one line per method, one panel
   per task (and the average).
 
-The plots' means over lengths use only the lengths that have every method x budget (x task) cell (:func:`_common_lengths`), so a
-partial grid does not compare a budget averaged over 2k-8k with one measured at 2k only.
+The plots' means over lengths use only the lengths that have every method x budget (x task) cell
+(:func:`_common_lengths`), so a partial grid does not compare a budget averaged over 2k-8k with one measured
+at 2k only.
 
 Each table ends with a line naming the cells that are missing (or have fewer samples than the most
 complete cell of that table), so a partial grid is never mistaken for a complete one.
