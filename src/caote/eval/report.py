@@ -221,13 +221,14 @@ def _per_window_effect(records: list[dict]) -> list[str]:
     comparisons per budget does the correction give the lower perplexity? Shows whether a pooled effect holds
     window by window."""
     loss = {(r["length"], r["sample"], r["method"], r["budget"]): r["nll"] / r["tokens"] for r in records if r["tokens"]}
+    base_and_fix = {method: (base, fix) for method, base, fix in CORRECTED}
     better: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
     for (length, sample, method, budget), value in loss.items():
-        for column, base, fix in CORRECTED:
-            base_value = loss.get((length, sample, base, budget))
-            if method == column and base_value is not None:
-                better[(fix, budget)][0] += value < base_value
-                better[(fix, budget)][1] += 1
+        base, fix = base_and_fix.get(method, (None, None))
+        base_value = loss.get((length, sample, base, budget))
+        if base_value is not None:
+            better[(fix, budget)][0] += value < base_value
+            better[(fix, budget)][1] += 1
     lines = []
     for fix in dict.fromkeys(fix for _, _, fix in CORRECTED):
         counts = [f"b={b} {better[(fix, b)][0]} of {better[(fix, b)][1]}"
