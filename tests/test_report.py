@@ -81,3 +81,16 @@ def test_means_over_lengths_use_only_lengths_with_every_cell():
     kept, label = _common_lengths(complete + [rec(200, "full", None), rec(200, "h2o", 64), rec(200, "h2o", 128),
                                               other_task])
     assert kept == complete + [other_task] and label == "mean over 100 tokens"
+
+
+def test_survival_counts_evicting_cells_above_zero():
+    from caote.eval.report import _survival_section
+
+    def rec(length, method, budget, score, sample=0):
+        return {"length": length, "method": method, "budget": budget, "task": "t", "sample": sample, "score": score}
+
+    records = [rec(100, "full", None, 1.0),                                  # full is not an evicting cell
+               rec(100, "h2o", 64, 0.0), rec(100, "h2o", 64, 0.5, sample=1),  # mean 0.25 > 0
+               rec(100, "tova", 64, 0.0), rec(200, "h2o", 64, 0.0)]
+    text = "\n".join(_survival_section(records, ["t"]))
+    assert "| t | 1 of 2 at 100, 0 of 1 at 200 |" in text

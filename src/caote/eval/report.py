@@ -374,7 +374,30 @@ def _tasks_section(records: list[dict]) -> list[str]:
 
             lines += _table(_Grid(at_length, task_average), methods, budgets, 3,
                             f"average over {len(present)} tasks, length {length}")
-    return lines + _score_effect_section(records)
+    return lines + _survival_section(records, tasks) + _score_effect_section(records)
+
+
+def _survival_section(records: list[dict], tasks: Sequence[str]) -> list[str]:
+    """Which tasks survive eviction: per task and length, the evicting (method, budget) cells scoring above 0."""
+    lengths = sorted({r["length"] for r in records})
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["budget"] is not None:
+            cells[(r["task"], r["length"], r["method"], r["budget"])].append(r)
+    lines = []
+    for task in tasks:
+        counts = []
+        for length in lengths:
+            scores = [_mean_score(rows) for (t, n, _, _), rows in cells.items() if t == task and n == length]
+            if scores:
+                counts.append(f"{sum(v > 0 for v in scores)} of {len(scores)} at {length}")
+        if counts:
+            lines.append(f"| {task} | " + ", ".join(counts) + " |")
+    if not lines:
+        return []
+    return ["### Which tasks survive eviction", "",
+            "Evicting (method x budget) cells whose score is above 0, per length (mean over samples).", "",
+            "| task | cells above 0 |", "|---|---|", *lines, ""]
 
 
 def _score_effect_section(records: list[dict]) -> list[str]:
