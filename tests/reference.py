@@ -10,15 +10,17 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from caote.policy import EvictionConfig, score_entries
-from caote.scores import attention_mass
+from caote.methods import ModelFacts, StepView
+from caote.policy import EvictionConfig
+from caote.scores import attention_mass, output_space_factors
 
 NAME = "caote_masked_reference"
 
 
 class MaskedReference:
-    def __init__(self, config: EvictionConfig):
+    def __init__(self, config: EvictionConfig, inv_freq=None):
         self.config = config
+        self.inv_freq = inv_freq
         self.cache = DynamicCache()
         self.alive: dict[int, torch.Tensor] = {}  # layer -> (B, H, seen) bool
         self.mass: dict[int, torch.Tensor] = {}  # layer -> (B, H, seen) float32 (H2O)
@@ -47,18 +49,29 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     if cfg.accumulates_attention:
         mass = mass + attention_mass(weights)
     if cfg.evicts:
+        facts = ModelFacts(inv_freq=ref.inv_freq)
+        if cfg.spec.output_space:
+            facts.per_head_factors, facts.per_group_factors = output_space_factors(module.o_proj.weight, heads, dim)
+        rows = cfg.query_rows if cfg.needs_attention else 0
         for b in range(batch):
             for h in range(heads):
                 idx = alive[b, h].nonzero().flatten()
                 if len(idx) <= cfg.budget:
                     continue
                 sl = (slice(b, b + 1), slice(h, h + 1))
-                s = score_entries(
-                    cfg, weights[sl][..., idx], value.float()[sl][:, :, idx], out[sl], idx.view(1, 1, -1), mass[sl][..., idx]
-                )[0, 0]
-                protected = (idx < cfg.sink_tokens) | (idx >= n - cfg.recent_window)
-                s = s.masked_fill(protected, float("inf"))
-                keep = idx[s.topk(cfg.budget).indices]
+                w = weights[sl][..., idx]
+                o = out[sl]
+                if rows is not None:
+                    w, o = w[..., -rows:, :], o[..., -rows:, :]
+                f = ModelFacts(facts.inv_freq, *(None if x is None else x[h : h + 1] for x in
+                                                 (facts.per_head_factors, facts.per_group_factors)))
+                view = StepView(config=cfg, values=value.float()[sl][:, :, idx], positions=idx.view(1, 1, -1),
+                                seen=n, weights=w, outputs=o, queries=q[sl], keys=key.float()[sl][:, :, idx],
+                                scaling=scaling, attention_sum=mass[sl][..., idx], facts=f)
+                s = cfg.spec.score(view)
+                protected = ((idx < cfg.sink_tokens) | (idx >= n - cfg.recent_window)).view(1, 1, -1)
+                dropped = cfg.spec.choose_evicted(view, s, protected, len(idx) - cfg.budget)[0, 0]
+                keep = idx[[i for i in range(len(idx)) if i not in set(dropped.tolist())]]
                 alive[b, h] = False
                 alive[b, h, keep] = True
     ref.alive[layer], ref.mass[layer] = alive, mass
@@ -72,7 +85,9 @@ AttentionMaskInterface.register(NAME, eager_mask)
 @contextlib.contextmanager
 def masked_reference(model, config: EvictionConfig):
     global _active
-    _active = MaskedReference(config)
+    from caote import hf
+
+    _active = MaskedReference(config, hf.rope_inv_freq(model))
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:

@@ -90,7 +90,7 @@ def test_decode_eviction_moves_only_entries_after_the_evicted_one():
     hf._take_pending(layer.keys)
     buffer, before = layer._keys, layer._keys.clone()
     scores = torch.tensor([[[5.0, 6, 7, 8, 1, 9, 9], [5.0, 6, 7, 8, 9, 1, 9]]])  # head 0 drops slot 4, head 1 slot 5
-    layer.evict(scores)
+    layer.evict(layer.config.spec.choose_evicted(None, scores, None, 1))
     assert layer._keys is buffer  # in place, no reallocation
     assert torch.equal(buffer[:, :, :4], before[:, :, :4])  # slots before the first dropped one untouched
     assert layer.positions.tolist() == [[[0, 1, 2, 3, 5, 6], [0, 1, 2, 3, 4, 6]]]

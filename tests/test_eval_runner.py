@@ -144,6 +144,15 @@ def test_e2e_records(e2e_out):
     assert all(0.0 <= r["score"] <= 1.0 and r["length"] == 8192 - 4 and r["metric"] == "trec" for r in lb)
     assert next(r for r in lb if r["method"] == "full")["score"] == 1.0  # first line "Country" = the class
 
+    # every record carries every setting of its key, as the run used it
+    for r in ppl + niah + tasks:
+        assert set(runner.KEY_FIELDS) <= set(r)
+        assert (r["dtype"], r["device"], r["protocol"], r["options"]) == ("float32", "cpu", "bounded", {})
+        assert r["model_fingerprint"] == runner.LEGACY_MODEL_FINGERPRINTS["SmolLM2-135M-Instruct"]
+    assert {(r["max_new_tokens"], r["chat"]) for r in ppl} == {(None, None)}
+    assert {(r["max_new_tokens"], r["chat"]) for r in niah} == {(12, True)}
+    assert {(r["max_new_tokens"], r["chat"]) for r in tasks} == {(4, True)}
+
 
 def test_e2e_report(e2e_out):
     result = report.write_report(e2e_out)

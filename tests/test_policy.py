@@ -5,13 +5,35 @@ import pytest
 import torch
 
 from caote import METHODS, EvictingCache, EvictionConfig, hf, parse_method
+from caote.methods import PAPER_METHODS, canonical_method
 from caote.cache import EvictingLayer
 
 
 def test_method_names():
     assert parse_method("snapkv+caote") == ("snapkv", "caote")
     assert parse_method("H2O+FastCAOTE") == ("h2o", "fastcaote")
-    assert len(METHODS) == 12
+    assert len(PAPER_METHODS) == 12 and set(PAPER_METHODS) <= set(METHODS)
+    # compositions resolve to one canonical spelling; every named method resolves
+    assert canonical_method("Expected+CAOTE+Out") == "expected+caote+out"
+    assert canonical_method("h2o+caote+joint") == "h2o+caote+joint"
+    assert all(canonical_method(m) == m for m in METHODS)
+
+
+@pytest.mark.parametrize(
+    "method,match",
+    [
+        ("snapkv+joint", "'\\+joint' needs"),
+        ("tova+out", "'\\+out' measures a CAOTE error"),
+        ("caote+caote", "does not apply to 'caote'"),
+        ("snapkv+fastcaote+joint", "'\\+joint' needs"),
+        ("caote+out+out", "unknown method"),
+        ("snapkv+caote+out+joint", "not implemented"),
+        ("snapvk", "did you mean 'snapkv'"),
+    ],
+)
+def test_invalid_compositions_name_the_problem(method, match):
+    with pytest.raises(ValueError, match=match):
+        EvictionConfig(budget=64, method=method)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +112,7 @@ def _plain_scores(method, attn, values, positions, mass, window=4, kernel=3):
     return [w[j] / (1 - w[j]) * dist(mean, values[j]) ** 0.5 for j in range(N)]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+@pytest.mark.parametrize("method", [m for m in PAPER_METHODS if m != "full"])
 def test_kept_set_equals_plain_reference(method):
     budget, n_old, n_new, G, D, H = 7, 6, 5, 2, 3, 2
     config = EvictionConfig(budget=budget, method=method, block_size=n_new, snapkv_window=4, snapkv_kernel=3,

@@ -94,3 +94,99 @@ def test_survival_counts_evicting_cells_above_zero():
                rec(100, "tova", 64, 0.0), rec(200, "h2o", 64, 0.0)]
     text = "\n".join(_survival_section(records, ["t"]))
     assert "| t | 1 of 2 at 100, 0 of 1 at 200 |" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# settings: never pool records that differ in one
+
+
+def _keyed(method, budget, ppl, sample="s", **settings):
+    """A ppl record as the runner writes it: every setting of the key."""
+    from caote.eval.runner import SETTING_FIELDS
+
+    base = {"model": "m", "model_fingerprint": "files:0", "dtype": "float32", "device": "cpu", "protocol": "bounded",
+            "block_size": 128, "options": {}, "max_new_tokens": None, "seed": 0, "chat": None, "caote_version": "0.1.0"}
+    assert set(base) == set(SETTING_FIELDS)
+    return {"eval": "ppl", **base, **settings, "method": method, "budget": budget, "length": 100, "task": None,
+            "sample": sample, "nll": math.log(ppl), "tokens": 1}
+
+
+def _write(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_never_pools_records_that_differ_in_a_setting(tmp_path):
+    from caote.eval.report import write_report
+
+    records = [_keyed("full", None, 10.0), _keyed("h2o", 64, 12.0),
+               _keyed("full", None, 20.0, block_size=64), _keyed("h2o", 64, 30.0, block_size=64)]
+    _write(tmp_path / "ppl.jsonl", records)
+    result = write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "`ppl.jsonl` holds 2 combinations of settings, reported separately (never pooled): " \
+           "[block_size=128] 2 records; [block_size=64] 2 records." in md
+    assert "## Perplexity under eviction (Austen novels) [block_size=128]" in md
+    assert "## Perplexity under eviction (Austen novels) [block_size=64]" in md
+    assert "#### length 100 tokens — perplexity (1 sample) [block_size=64]" in md
+    assert "| full [block_size=128] | 10.000 |" in md and "| h2o [block_size=128] | 12.000 |" in md
+    assert "| full [block_size=64] | 20.000 |" in md and "| h2o [block_size=64] | 30.000 |" in md
+    assert f"{math.sqrt(10.0 * 20.0):.3f}" not in md and f"{math.sqrt(12.0 * 30.0):.3f}" not in md  # pooled values
+    assert "| h2o [block_size=64] | 10.000 |" in md  # the gap to its own full cache (30 - 20)
+    assert {p.name for p in result["plots"]} == {"ppl_gap_block_size-128.png", "ppl_gap_block_size-64.png"}
+
+
+def test_report_names_every_setting_that_differs():
+    from caote.eval.report import settings_groups
+
+    records = [_keyed("h2o", 64, 12.0), _keyed("h2o", 64, 12.0, seed=1, options={"sink_tokens": 4}),
+               _keyed("h2o", 64, 12.0, dtype="bfloat16")]
+    labels = [label for label, _ in settings_groups(records)]
+    assert labels == ["dtype=float32, options(default), seed=0", "dtype=float32, options(sink_tokens=4), seed=1",
+                      "dtype=bfloat16, options(default), seed=0"]
+    for name, value in (("model_fingerprint", "files:1"), ("device", "cuda"), ("protocol", "compress-once"),
+                        ("max_new_tokens", 8), ("chat", False), ("caote_version", "0.2.0"), ("model", "other")):
+        (_, a), (label, b) = settings_groups([_keyed("h2o", 64, 12.0), _keyed("h2o", 64, 12.0, **{name: value})])
+        assert label == f"{name}={value}" and len(a) == len(b) == 1
+    assert settings_groups([_keyed("h2o", 64, 12.0), _keyed("tova", 64, 12.0)])[0][0] == ""  # one combination
+
+
+def test_report_separates_legacy_records_by_their_runs_settings(tmp_path):
+    """Records without settings get them from runs.jsonl: two runs with different seeds stay apart."""
+    import json
+
+    from caote.eval.report import write_report
+
+    def legacy(method, budget, ppl, run_id):
+        return {"eval": "ppl", "model": "SmolLM2-135M-Instruct", "block_size": 128, "method": method,
+                "budget": budget, "length": 100, "task": None, "sample": "s", "nll": math.log(ppl), "tokens": 1,
+                "run_id": run_id}
+
+    runs = [{"run_id": rid, "settings": {"model": None, "seed": seed, "dtype": "float32", "block_size": 128},
+             "versions": {"caote": "0.1.0"}, "argv": ["caote", "eval", "ppl"]} for rid, seed in (("a", 0), ("b", 7))]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    _write(tmp_path / "ppl.jsonl", [legacy("full", None, 10.0, "a"), legacy("h2o", 64, 12.0, "a"),
+                                    legacy("full", None, 20.0, "b"), legacy("h2o", 64, 30.0, "b")])
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| full [seed=0] | 10.000 |" in md and "| h2o [seed=0] | 12.000 |" in md
+    assert "| full [seed=7] | 20.000 |" in md and "| h2o [seed=7] | 30.000 |" in md
+
+
+def test_unknown_methods_follow_the_paper_methods_grouped_by_base(tmp_path):
+    from caote.eval.report import METHOD_ORDER, method_sort_key, write_report
+
+    unknown = ["zeta", "dropkv", "snapkv+caote+out", "expected+caote", "caote+out", "expected", "h2o+caote+out"]
+    ordered = sorted(list(METHOD_ORDER) + unknown, key=method_sort_key)
+    assert ordered == list(METHOD_ORDER) + ["caote+out", "h2o+caote+out", "snapkv+caote+out", "dropkv", "expected",
+                                            "expected+caote", "zeta"]
+    records = [_keyed("full", None, 10.0)] + [_keyed(m, 64, 11.0 + i) for i, m in enumerate(["h2o"] + unknown)]
+    _write(tmp_path / "ppl.jsonl", records)
+    write_report(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    table = md[md.index("perplexity (1 sample)"):md.index("Missing cells")]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [r for r in rows if r] == ["full", "h2o", "caote+out", "h2o+caote+out", "snapkv+caote+out", "dropkv",
+                                      "expected", "expected+caote", "zeta"]
+    assert "| zeta | 12.000 |" in md and "| h2o | 11.000 |" in md  # each its own value

@@ -4,7 +4,9 @@ Implements CAOTE (Goel et al., arXiv 2504.14051) and the policies it improves (H
 StreamingLLM and FastCAOTE. See ``docs`` in the repository and ``shared/docs/method.md``.
 """
 
+from caote.ask import ask
 from caote.cache import EvictingCache, EvictingLayer
+from caote.hf import attached
 from caote.generation import GenerationResult, generate, prefill
 from caote.models import load_model, load_tokenizer
 from caote.policy import METHODS, EvictionConfig, parse_method
@@ -12,6 +14,8 @@ from caote.policy import METHODS, EvictionConfig, parse_method
 __version__ = "0.1.0"
 
 __all__ = [
+    "ask",
+    "attached",
     "EvictingCache",
     "EvictingLayer",
     "EvictionConfig",

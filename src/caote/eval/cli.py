@@ -1,4 +1,4 @@
-"""``caote eval {ppl,niah,tasks}`` and ``caote report``: subcommands added to the main ``caote`` parser
+"""``caote eval {ppl,niah,tasks,squad}`` and ``caote report``: subcommands added to the main ``caote`` parser
 (:func:`add_parsers`) and run by :func:`handle` (see :mod:`caote.cli`)."""
 
 from __future__ import annotations
@@ -8,22 +8,44 @@ import sys
 from pathlib import Path
 
 from caote.policy import METHODS
+from caote.validation import (
+    DTYPE_HELP,
+    add_device_argument,
+    arg_type,
+    check_depths,
+    check_folder,
+    check_model,
+    check_nonnegative_int,
+    dtype_arg,
+    int_list_text_arg,
+    methods_text_arg,
+    one_line,
+    positive_int_arg,
+)
 
 COMMANDS = ("eval", "report")
 
 
-def _common(p: argparse.ArgumentParser, lengths: str, budgets: str) -> None:
-    p.add_argument("--model", default=None, help="model folder or hub id (default: offline SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", default="all",
-                   help=f"comma list of methods (default: all {len(METHODS)}: {', '.join(METHODS)})")
-    p.add_argument("--budgets", default=budgets, help=f"comma list of KV budgets, tokens per layer and KV head "
-                                                      f"(default {budgets}); 'full' ignores them")
-    p.add_argument("--block-size", type=int, default=128, help="prompt tokens per prefill block (default 128)")
-    p.add_argument("--lengths", default=lengths, help=f"comma list of context lengths in tokens (default {lengths})")
+def _common(p: argparse.ArgumentParser, lengths: str | None, budgets: str) -> None:
+    p.add_argument("--model", default=None, type=arg_type(check_model),
+                   help="model folder or hub id (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--methods", default="all", type=methods_text_arg("--methods"),
+                   help=f"comma list of methods, any case (default: all {len(METHODS)}: {', '.join(METHODS)})")
+    p.add_argument("--budgets", default=budgets, type=int_list_text_arg("--budgets", budgets),
+                   help=f"comma list of KV budgets, tokens per layer and KV head (default {budgets}); 'full' "
+                        f"ignores them")
+    p.add_argument("--block-size", type=positive_int_arg("--block-size", 128), default=128,
+                   help="prompt tokens per prefill block (default 128)")
+    if lengths is not None:  # squad: the articles set the lengths
+        p.add_argument("--lengths", default=lengths, type=int_list_text_arg("--lengths", lengths),
+                       help=f"comma list of context lengths in tokens, plain integers (default {lengths})")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder (default ./results)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample generators (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=arg_type(check_nonnegative_int, "--seed"), default=0,
+                   help="seed of the sample generators (default 0)")
+    p.add_argument("--dtype", default="float32", type=dtype_arg, help=f"{DTYPE_HELP} (default float32)")
+    add_device_argument(p)
+    p.add_argument("--threads", type=positive_int_arg("--threads", 4), default=None,
+                   help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -36,36 +58,76 @@ def add_parsers(sub) -> None:
 
     p = evsub.add_parser("ppl", help="perplexity under eviction on Jane Austen's novels")
     _common(p, lengths="1024,2048", budgets="64,128,256,512")
-    p.add_argument("--samples", "--limit", dest="samples", type=int, default=2,
+    p.add_argument("--samples", "--limit", dest="samples", type=positive_int_arg("--samples", 2), default=2,
                    help="text windows per length: the opening of each novel in turn (default 2)")
-    p.add_argument("--books", default=None, help="comma list of novels (default: all six, in publication order)")
+    p.add_argument("--books", default=None, help="comma list of novels (default: all six, in publication order); "
+                                                 "'essays' = the Paul Graham essays (kvpress's comparison text)")
+    p.add_argument("--protocol", default="bounded", choices=["bounded", "continuation", "compress-once"],
+                   help="bounded (default): every token of the window scored through the evicting cache; "
+                        "continuation: bounded prefill of LENGTH tokens, then the next 512 scored with their "
+                        "entries kept (kvpress's protocol); compress-once: kvpress's way, full prefill then one "
+                        "compression (prefill memory NOT bounded)")
 
     p = evsub.add_parser("niah", help="needle in a haystack over lengths x depths")
     _common(p, lengths="1024,2048,4096", budgets="64,128,256,512")
-    p.add_argument("--depths", default="5", help="number of evenly spaced depths, or a comma list of fractions "
-                                                  "(default 5)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--depths", default="5", type=_depths_arg,
+                   help="number of evenly spaced depths, or a comma list of fractions (default 5)")
+    p.add_argument("--max-new-tokens", type=positive_int_arg("--max-new-tokens", 24), default=24,
+                   help="tokens generated at most (default 24)")
     p.add_argument("--no-chat", action="store_true", help="plain prompt without the chat template")
+    p.add_argument("--question-aware", action="store_true",
+                   help="question-aware protocol: the question steers eviction during prefill (labelled in results)")
 
     p = evsub.add_parser("tasks", help="RULER tasks and (with --longbench-dir) LongBench")
     _common(p, lengths="2048,4096", budgets="128,256,512")
     p.add_argument("--tasks", default=None, help="comma list of RULER tasks (default: niah_single, niah_multikey, "
                                                  "niah_multivalue, vt, cwe); 'none' for LongBench only")
-    p.add_argument("--samples", "--limit", dest="samples", type=int, default=2,
+    p.add_argument("--samples", "--limit", dest="samples", type=positive_int_arg("--samples", 2), default=2,
                    help="samples per task and length (LongBench: first N records per dataset) (default 2)")
-    p.add_argument("--longbench-dir", type=Path, default=None,
+    p.add_argument("--longbench-dir", type=arg_type(check_folder, "--longbench-dir"), default=None,
                    help="folder of LongBench <dataset>.jsonl files (offline); all found are run")
     p.add_argument("--longbench-tasks", default=None, help="comma list of LongBench datasets within --longbench-dir")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int_arg("--max-new-tokens", 32), default=None,
                    help="cap on each task's generation length (default: the task's own)")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=positive_int_arg("--window", 8192), default=None,
                    help="LongBench truncation window incl. generation (default: the model's, e.g. 8192)")
     p.add_argument("--no-chat", action="store_true", help="RULER prompts without the chat template")
+    p.add_argument("--question-aware", action="store_true",
+                   help="question-aware protocol: the question steers eviction during prefill (labelled in results)")
+
+    p = evsub.add_parser("squad", help="SQuAD v1.1 dev: questions over whole Wikipedia articles (F1, exact match)",
+                         description="Each article is one long document; SQuAD's own F1 and exact match. Articles: "
+                                     "those whose prompts fit --max-context untruncated, in file order, then the "
+                                     "others (truncated from the end); data: python scripts/fetch_squad.py.")
+    _common(p, lengths=None, budgets="256")
+    p.add_argument("--squad-file", type=Path, default=None,
+                   help="SQuAD v1.1 dev JSON (default: $CAOTE_CACHE_DIR/squad/dev-v1.1.json, "
+                        "~/.cache/caote/squad; written by python scripts/fetch_squad.py)")
+    p.add_argument("--articles", type=positive_int_arg("--articles", 6), default=6,
+                   help="the first N articles: those that fit --max-context untruncated in file order, then the "
+                        "rest (default 6)")
+    p.add_argument("--titles", default=None, help="comma list of article titles instead of --articles")
+    p.add_argument("--questions", type=positive_int_arg("--questions", 5), default=5,
+                   help="questions per article, evenly spaced over its questions in file order (default 5)")
+    p.add_argument("--max-new-tokens", type=positive_int_arg("--max-new-tokens", 24), default=24,
+                   help="tokens generated at most (default 24)")
+    p.add_argument("--max-context", type=positive_int_arg("--max-context", 8168), default=None,
+                   help="prompt tokens at most; longer documents are cut from the end (default: the model's "
+                        "window minus --max-new-tokens)")
+    p.add_argument("--no-chat", action="store_true", help="plain prompt without the chat template")
+    p.add_argument("--question-aware", action="store_true",
+                   help="question-aware protocol: the question steers eviction during prefill (labelled in results)")
 
     rp = sub.add_parser("report", help="markdown tables and PNG plots from an eval results folder")
     rp.add_argument("--out", type=Path, default=Path("results"), help="results folder (default ./results)")
-    rp.add_argument("--heatmap-budget", type=int, default=None,
+    rp.add_argument("--heatmap-budget", type=positive_int_arg("--heatmap-budget", 128), default=None,
                     help="budget of the needle heatmaps (default: the smallest evaluated)")
+
+
+def _depths_arg(text: str) -> str:
+    """argparse ``type=`` of ``--depths``: checked (:func:`caote.validation.check_depths`), kept as text."""
+    arg_type(check_depths, "--depths")(text)
+    return text.strip()
 
 
 def _depths(text: str):
@@ -85,16 +147,28 @@ def run_eval_command(args) -> int:
         torch.set_num_threads(args.threads)
     methods = runner.parse_methods(args.methods)
     budgets = runner.parse_list(args.budgets, int)
-    lengths = runner.parse_list(args.lengths, int)
+    lengths = runner.parse_list(getattr(args, "lengths", None), int)
     runner.method_budgets(methods, budgets)  # fail before loading the model
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.eval_name == "squad":
+        from caote.eval.squad import check_squad_file
+
+        check_squad_file(args.squad_file)  # one-line error naming the fetch script
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    protocol = getattr(args, "protocol", None) or ("question-aware" if getattr(args, "question_aware", False)
+                                                   else "bounded")
     common = {"methods": methods, "budgets": budgets, "lengths": lengths, "block_size": args.block_size,
-                  "progress": not args.no_progress, "seed": args.seed}
+              "progress": not args.no_progress, "seed": args.seed, "protocol": protocol}
     if args.eval_name == "ppl":
         kwargs = {"samples": args.samples, "books": runner.parse_list(args.books) or None}
     elif args.eval_name == "niah":
         kwargs = {"depths": _depths(args.depths), "max_new_tokens": args.max_new_tokens,
                       "chat": False if args.no_chat else None}
+    elif args.eval_name == "squad":
+        del common["lengths"]
+        kwargs = {"squad_file": args.squad_file, "articles": None if args.titles else args.articles,
+                  "titles": runner.parse_list(args.titles) or None, "questions_per_article": args.questions,
+                  "max_new_tokens": args.max_new_tokens, "max_context": args.max_context,
+                  "chat": False if args.no_chat else None}
     else:
         tasks = None if args.tasks is None else ([] if args.tasks.strip().lower() == "none"
                                                  else runner.parse_list(args.tasks))
@@ -106,6 +180,11 @@ def run_eval_command(args) -> int:
     settings["model_label"] = runner.model_name(model)
     summary = runner.run_eval(args.eval_name, model, tokenizer, out=args.out, settings=settings,
                               **common, **kwargs)
+    from caote.eval.report import summary_lines
+
+    table = summary_lines(args.eval_name, summary["records"])
+    if table:
+        print("\n".join(table).rstrip())
     print(f"{args.eval_name}: {summary['computed']} cell(s) computed, {summary['skipped']} already done "
           f"-> {summary['path']}")
     return 0
@@ -129,7 +208,7 @@ def handle(args) -> int:
         if args.command == "report":
             return run_report_command(args)
     except (ValueError, KeyError, FileNotFoundError) as error:
-        print(f"caote: error: {error}", file=sys.stderr)
+        print(f"caote: error: {one_line(error)}", file=sys.stderr)
         return 2
     raise ValueError(f"not an eval command: {args.command!r}")
 

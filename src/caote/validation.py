@@ -1,0 +1,483 @@
+"""One validation layer for the command line and the Python API, run before any model loads.
+
+Every check raises a one-line ``ValueError`` that names the problem and the fix; the CLI prints it as
+``caote: error: <message>`` (exit status 2) and the API raises it unchanged. ``name`` arguments are what the
+message calls the value: a flag (``"--max-new-tokens"``) on the command line, a parameter (``"max_new_tokens"``) in
+Python; the suggested fix is spelled accordingly (``--threads 4`` or ``threads=4``).
+
+* :func:`check_positive_int`, :func:`check_nonnegative_int`, :func:`check_int_list`, :func:`check_fraction`,
+  :func:`check_depths`: numbers and comma lists;
+* :func:`check_method`, :func:`check_methods`, :func:`suggest`: method names, case-insensitive, "did you mean";
+* :func:`check_dtype`, :func:`dtype_name`: ``fp16``/``float16``/``half``, ``bf16``/``bfloat16``,
+  ``fp32``/``float32``/``float`` or a ``torch.dtype``;
+* :func:`check_device`: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (``auto`` = CUDA, else MPS, else CPU);
+* :func:`check_model`, :func:`model_unavailable_message`: a local model folder that must exist, or a hub id that
+  must be in the local Hugging Face cache when offline;
+* :func:`check_file`, :func:`check_folder`, :func:`check_results_folder`: paths that must exist;
+* :func:`arg_type` (any check as an ``argparse`` ``type=``), :class:`ArgumentParser` (one-line errors raised as
+  :class:`UsageError`), :func:`add_device_argument`.
+
+This module imports nothing from caote at import time (:mod:`caote.policy` may import :func:`suggest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+"""Accepted dtype spellings (case-insensitive, an optional ``torch.`` prefix is ignored)."""
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+"""Canonical name of each supported dtype."""
+DTYPE_HELP = "float32 (fp32, float), bfloat16 (bf16) or float16 (fp16, half)"
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = ("1", "on", "yes", "true")
+_INT = re.compile(r"^[+-]?\d+$")
+_KILO = re.compile(r"^(\d+(?:\.\d+)?)\s*[kK]$")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _is_flag(name: str) -> bool:
+    return name.startswith("-")
+
+
+def _example(name: str, value: Any) -> str:
+    """How to pass ``value`` to ``name``: ``--threads 4`` on the command line, ``threads=4`` in Python."""
+    return f"{name} {value}" if _is_flag(name) else f"{name}={value!r}"
+
+
+def one_line(message: object) -> str:
+    """``message`` as one line (lines joined with a space, surrounding blanks dropped)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """``" did you mean 'x'?"`` for the choice closest to ``name`` (case-insensitive, difflib), or ``""``."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(name).strip().lower(), list(lowered), n=1, cutoff=0.6)
+    return f" did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def _parse_int(value: Any) -> int | None:
+    """``value`` as an int if it is one (an int, or a string of digits), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT.match(value.strip()):
+        return int(value.strip())
+    return None
+
+
+def _kilo_hint(value: Any) -> str:
+    match = _KILO.match(str(value).strip())
+    return f" (write {round(float(match.group(1)) * 1024)} for {str(value).strip()})" if match else ""
+
+
+def check_positive_int(value: Any, name: str, example: int | None = None) -> int:
+    """``value`` (an int or a string of digits) as an int >= 1, else a ``ValueError`` naming ``name``."""
+    number = _parse_int(value)
+    if number is None or number < 1:
+        fix = f"; e.g. {_example(name, example)}" if example is not None else ""
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{_kilo_hint(value)}{fix}")
+    return number
+
+
+def check_nonnegative_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 0 (e.g. a seed)."""
+    number = _parse_int(value)
+    if number is None or number < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}; e.g. {_example(name, 0)}")
+    return number
+
+
+def check_int_list(value: str | Sequence[Any], name: str, example: str = "1024,2048") -> list[int]:
+    """A comma list (or a sequence) of positive integers; a malformed item is named in the error."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [item.strip() if isinstance(item, str) else item for item in items]
+    items = [item for item in items if item != ""]
+    fix = f"give a comma list of positive integers such as {_example(name, example)}"
+    if not items:
+        raise ValueError(f"{name} is empty; {fix}")
+    numbers = []
+    for item in items:
+        number = _parse_int(item)
+        if number is None or number < 1:
+            raise ValueError(f"{name}: {item!r} is not a positive integer{_kilo_hint(item)}; {fix}")
+        numbers.append(number)
+    return numbers
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """``value`` as a float in ``[0, 1]`` (e.g. a needle depth)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be a number from 0 to 1, got {value!r}; e.g. {_example(name, 0.5)}")
+    return number
+
+
+def check_budget(value: Any, name: str = "budget") -> int | float:
+    """A KV budget: a positive integer (entries per layer and KV head), or a fraction of the prompt as kvpress users
+    think in compression ratios: ``"12.5%"`` or a float in ``(0, 1)``. Returns the int, or the fraction."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            fraction = float(value.strip()[:-1]) / 100
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise ValueError(f"{name} {value!r} is not a percentage in (0, 100]; e.g. {_example(name, '12.5%')}")
+        return fraction
+    if isinstance(value, float) and not isinstance(value, bool):
+        if not 0 < value < 1:
+            raise ValueError(f"{name} {value!r}: a float budget is a fraction of the prompt in (0, 1); "
+                             f"e.g. {_example(name, 0.125)}, or an integer number of tokens")
+        return value
+    return check_positive_int(value, name, 256)
+
+
+def resolve_budget(budget: Any, prompt_tokens: int, name: str = "budget") -> int | None:
+    """Entries per layer and KV head for a prompt of ``prompt_tokens``: an integer budget as given, a fraction of the
+    prompt rounded up (at least 1); ``None`` stays ``None`` (method ``full``)."""
+    if budget is None:
+        return None
+    checked = check_budget(budget, name)
+    return checked if isinstance(checked, int) else max(1, math.ceil(checked * prompt_tokens))
+
+
+def check_depths(value: str, name: str = "depths") -> int | list[float]:
+    """Needle depths: a positive count of evenly spaced depths (``"5"``) or a comma list of fractions in
+    ``[0, 1]`` (``"0.25,0.75"``)."""
+    text = str(value).strip()
+    if "," not in text and "." not in text:
+        return check_positive_int(text, name, 5)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{name} is empty; e.g. {_example(name, '0.25,0.75')} or {_example(name, 5)}")
+    depths = []
+    for item in items:
+        try:
+            depths.append(check_fraction(item, name))
+        except ValueError:
+            raise ValueError(f"{name}: {item!r} is not a depth from 0 to 1; give a count such as {_example(name, 5)}"
+                             f" or fractions such as {_example(name, '0.25,0.75')}") from None
+    return depths
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _methods() -> tuple[str, ...]:
+    from caote.policy import METHODS
+
+    return tuple(METHODS)
+
+
+def check_method(name: Any) -> str:
+    """The lower-cased canonical name of method ``name`` (case and blanks ignored); an unknown name gets the
+    valid names and the closest one ("did you mean")."""
+    from caote.policy import parse_method
+
+    methods = _methods()
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"method must be a non-empty string, got {name!r}; valid methods: {', '.join(methods)}")
+    key = "".join(name.split()).lower()
+    if key in methods:
+        return key
+    try:
+        parse_method(key)  # valid compositions beyond the named methods
+    except ValueError as error:
+        message = one_line(error)
+        if message.startswith("unknown method"):
+            message = f"unknown method {name!r};{suggest(key, methods)} valid methods: {', '.join(methods)}"
+        raise ValueError(message) from None
+    try:
+        from caote.methods import canonical_method
+    except ImportError:
+        return key
+    return canonical_method(key)
+
+
+def check_methods(value: str | Sequence[str], name: str = "methods") -> list[str]:
+    """A comma list (or a sequence) of methods, checked and lower-cased, duplicates dropped; ``"all"`` = every
+    named method (:data:`caote.policy.METHODS`)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return list(_methods())
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [item for item in items if not isinstance(item, str) or item.strip()]
+    if not items:
+        raise ValueError(f"{name} is empty; give a comma list such as {_example(name, 'snapkv,snapkv+caote')} "
+                         f"(or all)")
+    out: list[str] = []
+    for item in items:
+        method = check_method(item)
+        if method not in out:
+            out.append(method)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+def check_dtype(dtype: Any) -> torch.dtype:
+    """The ``torch.dtype`` for ``dtype`` (an alias such as ``"fp16"``, or a ``torch.dtype``)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES:
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    hint = suggest(str(dtype).removeprefix("torch."), DTYPES) if isinstance(dtype, str) else ""
+    raise ValueError(f"unknown dtype {dtype!r};{hint} valid dtypes: {DTYPE_HELP}")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name (``"float32"``, ``"bfloat16"``, ``"float16"``) of any accepted ``dtype``."""
+    return DTYPE_NAMES[check_dtype(dtype)]
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_device(device: Any = "auto", name: str = "device") -> torch.device:
+    """The ``torch.device`` for ``device``: ``auto`` (or ``None``) = CUDA if available, else MPS if available, else
+    CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a ``torch.device``. A device this machine lacks is refused
+    (``name`` spells the fix: ``--device cpu`` or ``device='cpu'``)."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    text = device.strip().lower() if isinstance(device, str) else device
+    choices = ", ".join(DEVICE_CHOICES)
+    fix = f"use {_example(name, 'cpu')} or {_example(name, 'auto')}"
+    try:
+        resolved = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r};{suggest(str(device), ('auto', 'cpu', 'cuda', 'mps'))} "
+                         f"valid devices: {choices}") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: this torch ({torch.__version__}) sees no CUDA "
+                             f"GPU; {fix}")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} is not available: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; {fix}")
+        return resolved
+    if resolved.type == "mps":
+        if not _mps_available():
+            raise ValueError(f"device {str(device)!r} is not available: this torch sees no Apple MPS device; {fix}")
+        return resolved
+    raise ValueError(f"unsupported device {str(device)!r}; valid devices: {choices}")
+
+
+# ------------------------------------------------------------------------------------------------ models
+def is_offline() -> bool:
+    """Whether Hugging Face downloads are switched off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set)."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in OFFLINE_VARIABLES)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a hub id (``org/name``): it starts with ``.``, ``~`` or
+    ``/``, ends with a separator, contains the platform's separator (when that is not ``/``) or more than one
+    ``/``."""
+    text = str(name)
+    separators = {os.sep, os.altsep or os.sep}
+    return (text.startswith((".", "~", *separators)) or text.endswith(tuple(separators)) or text.count("/") > 1
+            or (os.sep != "/" and os.sep in text))
+
+
+def _use_instead(name: str) -> str:
+    return (f"pass a local model folder holding config.json ({_example(name, './path/to/model')}) or omit {name} "
+            f"for the offline default SmolLM2-135M-Instruct")
+
+
+def model_unavailable_message(model: str, reason: str | None = None, name: str = "--model") -> str:
+    """One line: hub model ``model`` cannot be loaded offline, and what to use instead (``name``: the flag or
+    parameter that took it)."""
+    reason = reason or ("HF_HUB_OFFLINE is set" if is_offline() else "the download failed (no connection)")
+    return (f"model {model!r} is not available offline: it is neither a folder here nor in the local Hugging Face "
+            f"cache, and {reason}; {_use_instead(name)}")
+
+
+def _in_hub_cache(repo_id: str, name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # HFValidationError: not a valid repo id
+        raise ValueError(f"model {repo_id!r} is neither an existing folder nor a valid hub id (org/name); "
+                         f"{_use_instead(name)}") from None
+
+
+def check_model(name_or_path: str | os.PathLike | None, default_names: Sequence[str] = (),
+                name: str = "--model") -> str | None:
+    """``None``/``""``, a name in ``default_names`` or the offline default (returned unchanged); an existing model
+    folder (returned with ``~`` expanded; a path-like name that does not exist is refused); or a hub id, which
+    must be in the local Hugging Face cache when downloads are off (:func:`is_offline`). ``name`` is the flag or
+    parameter named in the fix."""
+    from caote.models import DEFAULT_MODEL
+
+    if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL, *default_names):
+        return None if name_or_path is None else str(name_or_path)
+    text = str(name_or_path)
+    path = Path(os.path.expanduser(text))
+    if isinstance(name_or_path, os.PathLike) or looks_like_path(text) or path.exists():
+        if not path.exists():
+            raise ValueError(f"model folder {text} does not exist; {_use_instead(name)}, or a hub id such as "
+                             f"Qwen/Qwen2.5-0.5B-Instruct")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text} is not a model folder (no config.json in it); {_use_instead(name)}")
+        return str(path)
+    if is_offline() and not _in_hub_cache(text, name):
+        raise ValueError(model_unavailable_message(text, name=name))
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ files
+def check_file(value: str | os.PathLike, name: str) -> Path:
+    """An existing file."""
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_file():
+        raise ValueError(f"{name}: file {value} does not exist" if not path.exists()
+                         else f"{name}: {value} is not a file")
+    return path
+
+
+def check_folder(value: str | os.PathLike, name: str) -> Path:
+    """An existing folder."""
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_dir():
+        raise ValueError(f"{name}: folder {value} does not exist" if not path.exists()
+                         else f"{name}: {value} is not a folder")
+    return path
+
+
+RESULT_FILES = ("ppl.jsonl", "niah.jsonl", "tasks.jsonl")
+
+
+def check_results_folder(value: str | os.PathLike) -> Path:
+    """A folder holding at least one non-empty evaluation results file (``ppl/niah/tasks.jsonl``)."""
+    path = Path(value)
+    run = f"run e.g. `caote eval ppl --out {value}` first, or pass --out with the folder your evaluation wrote"
+    if not path.is_dir():
+        raise ValueError(f"results folder {value} does not exist; {run}")
+    if not any((path / name).is_file() and (path / name).stat().st_size > 0 for name in RESULT_FILES):
+        raise ValueError(f"results folder {value} holds no evaluation results ({', '.join(RESULT_FILES)}); {run}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ argparse
+def arg_type(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str], Any]:
+    """``check`` as an argparse ``type=``: its ``ValueError`` becomes the parser's one-line error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text, *args, **kwargs)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(one_line(error)) from None
+
+    convert.__name__ = getattr(check, "__name__", "value").removeprefix("check_")
+    return convert
+
+
+def positive_int_arg(flag: str, example: int) -> Callable[[str], int]:
+    """argparse ``type=`` for a positive integer flag."""
+    return arg_type(check_positive_int, flag, example)
+
+
+def int_list_arg(flag: str, example: str = "1024,2048") -> Callable[[str], list[int]]:
+    """argparse ``type=`` for a comma list of positive integers."""
+    return arg_type(check_int_list, flag, example)
+
+
+def int_list_text_arg(flag: str, example: str = "1024,2048") -> Callable[[str], str]:
+    """argparse ``type=`` that checks a comma list of positive integers and keeps it as text (``"1024,2048"``)."""
+    check = arg_type(check_int_list, flag, example)
+
+    def convert(text: str) -> str:
+        return ",".join(str(number) for number in check(text))
+
+    convert.__name__ = "int_list"
+    return convert
+
+
+def methods_text_arg(flag: str) -> Callable[[str], str]:
+    """argparse ``type=`` that checks a comma list of methods and keeps it as text: ``"all"`` unchanged, else the
+    canonical names joined by commas."""
+    check = arg_type(check_methods, flag)
+
+    def convert(text: str) -> str:
+        return "all" if text.strip().lower() == "all" else ",".join(check(text))
+
+    convert.__name__ = "methods"
+    return convert
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` for ``--device``: the resolved device as a string (``auto`` -> ``cuda``/``mps``/``cpu``)."""
+    return str(arg_type(check_device, name="--device")(text))
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device auto|cpu|cuda|cuda:N|mps`` (default ``auto``), resolved and checked while parsing."""
+    parser.add_argument("--device", default="auto", type=device_arg,
+                        help="auto (default: cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps")
+
+
+def dtype_arg(text: str) -> str:
+    """argparse ``type=`` for ``--dtype``: the canonical name."""
+    return arg_type(dtype_name)(text)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, raised as :class:`UsageError` (never ``sys.exit``).
+
+    ``argument --threads: --threads must be ...`` is shortened to ``--threads must be ...``; an invalid choice
+    (e.g. a misspelt subcommand) gets a "did you mean"."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = one_line(message)
+        match = re.match(r"^argument ([^:]+): (.*)$", message)
+        if match:
+            flags = match.group(1).split("/")
+            named = any(flag and flag in match.group(2) for flag in flags)
+            message = match.group(2) if named else f"{flags[0]}: {match.group(2)}" if flags[0].startswith("-") \
+                else message
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            choices = [c.strip().strip("'") for c in choice.group(2).split(",")]
+            hint = suggest(choice.group(1), choices)
+            if message.startswith("argument "):  # a subcommand
+                message = f"unknown command {choice.group(1)!r};{hint} commands: {', '.join(choices)}"
+            else:
+                message += f";{hint}" if hint else ""
+        missing = re.match(r"^the following arguments are required: (.*)$", message)
+        if missing:
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction) and action.dest in missing.group(1).split(", "):
+                    message = f"{self.prog} needs a command: one of {', '.join(action.choices)}"
+        raise UsageError(message)
+
+
+class UsageError(ValueError):
+    """A command-line argument error (the message is one line)."""
