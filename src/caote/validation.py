@@ -372,11 +372,11 @@ def check_folder(value: str | os.PathLike, name: str) -> Path:
     return path
 
 
-RESULT_FILES = ("ppl.jsonl", "niah.jsonl", "tasks.jsonl")
+RESULT_FILES = ("ppl.jsonl", "niah.jsonl", "tasks.jsonl", "squad.jsonl")
 
 
 def check_results_folder(value: str | os.PathLike) -> Path:
-    """A folder holding at least one non-empty evaluation results file (``ppl/niah/tasks.jsonl``)."""
+    """A folder holding at least one non-empty evaluation results file (``ppl/niah/tasks/squad.jsonl``)."""
     path = Path(value)
     run = f"run e.g. `caote eval ppl --out {value}` first, or pass --out with the folder your evaluation wrote"
     if not path.is_dir():
