@@ -206,10 +206,8 @@ def check_method(name: Any) -> str:
         if message.startswith("unknown method"):
             message = f"unknown method {name!r};{suggest(key, methods)} valid methods: {', '.join(methods)}"
         raise ValueError(message) from None
-    try:
-        from caote.methods import canonical_method
-    except ImportError:
-        return key
+    from caote.methods import canonical_method
+
     return canonical_method(key)
 
 
