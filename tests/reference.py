@@ -1,6 +1,8 @@
 """Reference evicting cache for the tests: the full cache is kept, evicted entries are only *masked*, per
 layer and KV head. It shares nothing with ``caote.cache`` (no buffers, no compaction, no mask-size
-arithmetic); it uses the score functions, which test_scores.py checks against brute force."""
+arithmetic); it uses the score functions, which test_scores.py checks against brute force. A sliding-window layer of a
+hybrid model (the model passes ``sliding_window=``) keeps every entry under transformers' own sliding mask and never
+evicts (the budget applies to the global layers)."""
 
 from __future__ import annotations
 
@@ -48,15 +50,20 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     out = torch.einsum("bhgqn,bhnd->bhgqd", weights, value.float())
     if cfg.accumulates_attention:
         mass = mass + attention_mass(weights)
-    if cfg.evicts:
+    if cfg.evicts and kwargs.get("sliding_window") is None:
         facts = ModelFacts(inv_freq=ref.inv_freq)
         if cfg.spec.output_space:
             facts.per_head_factors, facts.per_group_factors = output_space_factors(module.o_proj.weight, heads, dim)
         rows = cfg.query_rows if cfg.needs_attention else 0
         for b in range(batch):
+            if cfg.spec.adaptive:  # +adaptive: the layer's budget × heads shared by its heads, scored per head
+                if int(alive[b].sum()) <= cfg.budget * heads:
+                    continue
+                candidates = []  # (forced, score, head, position)
+                floor = min(int(cfg.head_floor * cfg.budget), cfg.budget - cfg.sink_tokens - cfg.recent_window)
             for h in range(heads):
                 idx = alive[b, h].nonzero().flatten()
-                if len(idx) <= cfg.budget:
+                if len(idx) <= cfg.budget and not cfg.spec.adaptive:
                     continue
                 sl = (slice(b, b + 1), slice(h, h + 1))
                 w = weights[sl][..., idx]
@@ -70,10 +77,21 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
                                 scaling=scaling, attention_sum=mass[sl][..., idx], facts=f)
                 s = cfg.spec.score(view)
                 protected = ((idx < cfg.sink_tokens) | (idx >= n - cfg.recent_window)).view(1, 1, -1)
+                if cfg.spec.adaptive:
+                    head = [(bool(p), float(x), h, int(i)) for p, x, i in zip(protected.flatten(), s.flatten(), idx)]
+                    by_score = sorted((e for e in head if not e[0]), key=lambda e: -e[1])
+                    best = {e[3] for e in by_score[:floor]}
+                    candidates += [(p or i in best, x, h, i) for p, x, h, i in head]
+                    continue
                 dropped = cfg.spec.choose_evicted(view, s, protected, len(idx) - cfg.budget)[0, 0]
                 keep = idx[[i for i in range(len(idx)) if i not in set(dropped.tolist())]]
                 alive[b, h] = False
                 alive[b, h, keep] = True
+            if cfg.spec.adaptive:
+                ranked = sorted(candidates, key=lambda e: (not e[0], -e[1]))[: cfg.budget * heads]
+                alive[b] = False
+                for _, _, h, i in ranked:
+                    alive[b, h, i] = True
     ref.alive[layer], ref.mass[layer] = alive, mass
     return out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).to(query.dtype), None
 

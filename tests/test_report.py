@@ -105,7 +105,8 @@ def _keyed(method, budget, ppl, sample="s", **settings):
     from caote.eval.runner import SETTING_FIELDS
 
     base = {"model": "m", "model_fingerprint": "files:0", "dtype": "float32", "device": "cpu", "protocol": "bounded",
-            "block_size": 128, "options": {}, "max_new_tokens": None, "seed": 0, "chat": None, "caote_version": "0.1.0"}
+            "block_size": 128, "options": {}, "max_new_tokens": None, "seed": 0, "chat": None, "data": None,
+            "caote_version": "0.1.0"}
     assert set(base) == set(SETTING_FIELDS)
     return {"eval": "ppl", **base, **settings, "method": method, "budget": budget, "length": 100, "task": None,
             "sample": sample, "nll": math.log(ppl), "tokens": 1}
@@ -146,7 +147,8 @@ def test_report_names_every_setting_that_differs():
     assert labels == ["dtype=float32, options(default), seed=0", "dtype=float32, options(sink_tokens=4), seed=1",
                       "dtype=bfloat16, options(default), seed=0"]
     for name, value in (("model_fingerprint", "files:1"), ("device", "cuda"), ("protocol", "compress-once"),
-                        ("max_new_tokens", 8), ("chat", False), ("caote_version", "0.2.0"), ("model", "other")):
+                        ("max_new_tokens", 8), ("chat", False), ("caote_version", "0.2.0"), ("model", "other"),
+                        ("data", "notes.txt sha256:0123456789abcdef")):
         (_, a), (label, b) = settings_groups([_keyed("h2o", 64, 12.0), _keyed("h2o", 64, 12.0, **{name: value})])
         assert label == f"{name}={value}" and len(a) == len(b) == 1
     assert settings_groups([_keyed("h2o", 64, 12.0), _keyed("tova", 64, 12.0)])[0][0] == ""  # one combination

@@ -46,7 +46,7 @@ def _load(folder: Path, dtype=torch.float32):
 
 def test_key_holds_every_setting():
     assert set(runner.SETTING_FIELDS) == {"model", "model_fingerprint", "dtype", "device", "protocol", "block_size",
-                                          "options", "max_new_tokens", "seed", "chat", "caote_version"}
+                                          "options", "max_new_tokens", "seed", "chat", "data", "caote_version"}
     assert set(runner.KEY_FIELDS) == set(runner.SETTING_FIELDS) | set(runner.GRID_FIELDS)
     base = {name: 0 for name in runner.KEY_FIELDS}
     for name in runner.SETTING_FIELDS:
@@ -97,7 +97,7 @@ def test_each_ppl_setting_computes_new_cells(tmp_path, windows, monkeypatch):
     assert {k: record[k] for k in runner.SETTING_FIELDS} == {
         "model": "tiny", "model_fingerprint": runner.files_fingerprint(folder), "dtype": "float32", "device": "cpu",
         "protocol": "bounded", "block_size": 16, "options": {}, "max_new_tokens": None, "seed": 0, "chat": None,
-        "caote_version": caote.__version__}
+        "data": None, "caote_version": caote.__version__}
     # the same settings (options given at their defaults, protocol named) reuse every cell
     same = run(options={"snapkv_window": 32}, protocol="bounded")
     assert same["computed"] == 0 and same["skipped"] == 2
@@ -208,7 +208,7 @@ def test_legacy_records_are_keyed_as_their_run_recorded(tmp_path):
     assert {k: a[k] for k in runner.SETTING_FIELDS} == {
         "model": "SmolLM2-135M-Instruct", "model_fingerprint": fingerprint, "dtype": "float32", "device": "cpu",
         "protocol": "bounded", "block_size": 128, "options": {}, "max_new_tokens": 24, "seed": 0, "chat": True,
-        "caote_version": "0.1.0"}
+        "data": None, "caote_version": "0.1.0"}
     assert (b["dtype"], b["seed"], b["max_new_tokens"], b["chat"]) == ("bfloat16", 3, 10, False)
     assert c["model_fingerprint"] == "unrecorded:/elsewhere/SmolLM2-135M-Instruct"  # its weights are unknown
     assert c["chat"] == runner.UNRECORDED  # as is its tokenizer's template
@@ -221,7 +221,7 @@ def test_legacy_records_are_keyed_as_their_run_recorded(tmp_path):
 def test_committed_records_have_one_settings_combination_per_file():
     expected = {"model": "SmolLM2-135M-Instruct", "model_fingerprint": runner.LEGACY_MODEL_FINGERPRINTS[
         "SmolLM2-135M-Instruct"], "dtype": "float32", "device": "cpu", "protocol": "bounded", "block_size": 128,
-        "options": {}, "seed": 0, "caote_version": "0.1.0"}
+        "options": {}, "seed": 0, "data": None, "caote_version": "0.1.0"}
     for name, extra in (("ppl", {"max_new_tokens": None, "chat": None}), ("niah", {"max_new_tokens": 24, "chat": True}),
                         ("tasks", {"max_new_tokens": 48, "chat": True})):
         # the records written before cells were keyed by their settings (later ones carry them and may differ)

@@ -377,3 +377,20 @@ def test_bench_targets_only_with_strict_and_repeats_warning(capsys, tmp_path):
     assert ("PASS" in out) or ("FAIL" in out)
     for target in results["targets"]:
         assert ("PASS  " if target["passed"] else "FAIL  ") + target["target"] in out
+
+
+# ---------------------------------------------------------------------------------------------- eviction options
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "ppl", "--option", "head_floor=x"], "--option 'head_floor=x': the value must be a number"),
+    (["eval", "niah", "--option", "hed_floor=0.3"], "did you mean 'head_floor'?"),
+    (["eval", "tasks", "--option", "sinks"], "expected NAME=VALUE"),
+    (["eval", "ppl", "--methods", "snapkv+adaptive", "--option", "head_floor=3"], "head_floor must be a number in [0, 1]"),
+    (["eval", "ppl", "--methods", "h2o", "--option", "recent_window=0"], "recent_window=0 evicts each new token"),
+])
+def test_eval_options_are_checked_before_loading(capsys, no_loading, argv, message):
+    _one_line_error(capsys, argv, message)
+
+
+def test_option_parses_numbers():
+    assert validation.check_option("head_floor=0.5") == ("head_floor", 0.5)
+    assert validation.check_option("sink-tokens=4") == ("sink_tokens", 4)

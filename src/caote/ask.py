@@ -12,10 +12,9 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from caote import validation
 from caote.generation import GenerationResult, generate
-from caote.validation import check_file
 
 DEFAULT_METHOD = "snapkv+caote"
 DEFAULT_BUDGET = 256
@@ -24,18 +23,8 @@ MIB = 1024**2
 
 def read_text_file(value: str | os.PathLike, name: str = "text_file") -> str:
     """The text of file ``value``; a missing, empty (blank) or non-UTF-8 file raises a one-line ``ValueError``
-    naming ``name`` (the flag or parameter) and the fix."""
-    path = check_file(value, name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as problem:
-        raise ValueError(f"{name}: {value} is not UTF-8 text (byte {problem.start}: {problem.reason}); convert it, "
-                         f"e.g. iconv -f latin1 -t utf-8 {value} > {Path(value).stem}.utf8.txt") from None
-    except OSError as problem:
-        raise ValueError(f"{name}: cannot read {value}: {problem.strerror or problem}") from None
-    if not text.strip():
-        raise ValueError(f"{name}: {value} is empty; give a file with the text to ask about")
-    return text
+    naming ``name`` (the flag or parameter) and the fix (:func:`caote.validation.read_text_file`)."""
+    return validation.read_text_file(value, name, wanted="the text to ask about")
 
 
 def ask(
@@ -83,17 +72,34 @@ def mode_label(method: str, question_aware: bool) -> str:
 
 
 def kv_line(result: GenerationResult) -> str:
-    """KV memory held at the end and at its peak, as MiB and as a share of the full cache."""
+    """KV memory held at the end and at its peak, as MiB and as a share of the full cache (the model's own cache:
+    every token in the global layers, the window in the sliding-window layers of a hybrid model)."""
     full = result.full_kv_bytes
     held = result.kv_bytes / full if full else 0.0
     return (f"KV held     {result.kv_bytes / MIB:.2f} MiB = {held:.1%} of the full cache ({full / MIB:.2f} MiB); "
             f"peak {result.peak_kv_bytes / MIB:.2f} MiB ({result.peak_kv_fraction:.1%}) while reading")
 
 
+def layers_line(result: GenerationResult, width: int = 12) -> str | None:
+    """For a hybrid model (sliding-window layers), one line on which layers the budget applies to and what each kind
+    holds (its label padded to ``width``); ``None`` for a model whose layers are all global."""
+    if not result.window_layers:
+        return None
+    total = result.global_layers + result.window_layers
+    held_global = result.kv_bytes - result.window_kv_bytes
+    return (f"{'layers':<{width}}the budget applies to the {result.global_layers} global layers of {total} "
+            f"({held_global / MIB:.2f} MiB held); the {result.window_layers} sliding-window layers keep their "
+            f"{result.sliding_window}-token window ({result.window_kv_bytes / MIB:.2f} MiB)")
+
+
 def eviction_line(result: GenerationResult) -> str:
-    """One line on what was evicted; says so when nothing was (the prompt fits in the budget)."""
+    """One line on what was evicted; says so when nothing was (the prompt fits in the budget, or the model has no
+    global layer)."""
     if result.budget is None:
         return f"nothing evicted: method full keeps all {result.prompt_tokens} prompt tokens"
+    if result.window_layers and not result.global_layers:
+        return (f"nothing evicted: every layer of this model is a sliding-window layer, which keeps its "
+                f"{result.sliding_window}-token window; the budget applies to global (full-attention) layers only")
     if result.evicted_tokens == 0:
         return (f"nothing evicted: the prompt ({result.prompt_tokens} tokens) and the answer fit in the budget "
                 f"({result.budget} entries per layer and KV head)")

@@ -10,6 +10,11 @@ KV head, during prefill as during decoding (method.md §1).
 Positions: ``get_seq_length()`` is the number of tokens *seen*, so the model gives new tokens their absolute
 positions; ``get_mask_sizes()`` is ``(stored + new, seen - stored)``, so the causal mask lines up with the
 compacted cache (every stored entry precedes every new token).
+
+Hybrid models (Gemma 2/3, Qwen2 with sliding layers, ...): the budget applies to the global (full-attention) layers.
+A sliding-window layer is a :class:`WindowLayer`, transformers' own ``DynamicSlidingWindowLayer`` (never evicting:
+it holds its last ``window - 1`` tokens, ``window - 1 + step`` while a step attends), with the counters the cache
+reports; :func:`_make_layer` chooses each layer's kind from the model's layer types (:func:`caote.hf.layer_windows`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import functools
 import warnings
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from caote import hf, question
 from caote.methods import ModelFacts, Reads, StepView
@@ -27,7 +32,7 @@ from caote.question import QuestionAware
 from caote.scores import attention_mass, output_space_factors
 
 
-def _warn_unbounded_step(step: int, config: EvictionConfig) -> None:
+def warn_unbounded_step(step: int, config: EvictionConfig) -> None:
     """Warn once per process: a step longer than ``budget + block_size`` is held whole before eviction."""
     warnings.warn(
         f"caote: a forward step of {step} tokens reached an evicting cache (budget {config.budget}, block_size "
@@ -50,6 +55,9 @@ class EvictingLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    attends_itself = False
+    """Whether caote's attention function hands the whole step to the layer's ``attend`` (storage that is not one
+    ``(B, H_kv, N, D)`` tensor, e.g. :class:`caote.head_adaptive.HeadAdaptiveLayer`)."""
 
     def __init__(self, config: EvictionConfig, facts: ModelFacts | None = None):
         super().__init__()
@@ -122,6 +130,10 @@ class EvictingLayer(CacheLayerMixin):
         """Absolute position of every stored entry, ``(B, H_kv, stored)``, increasing along the last axis."""
         return self._positions[:, :, : self.stored]
 
+    def head_positions(self, row: int, head: int) -> torch.Tensor:
+        """Absolute positions of the entries KV head ``head`` of batch row ``row`` holds, increasing."""
+        return self.positions[row, head]
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +154,7 @@ class EvictingLayer(CacheLayerMixin):
                 doubled = min(doubled, self._steady_capacity(0))
             grown = max(self.stored + step, doubled)
             if self.config.evicts and step > self.config.budget + self.config.block_size:
-                _warn_unbounded_step(step, self.config)
+                warn_unbounded_step(step, self.config)
             self._allocate(grown, key_states, value_states)
         start, end = self.stored, self.stored + step
         self._keys[:, :, start:end] = key_states
@@ -292,17 +304,113 @@ class EvictingLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with an evicting cache")
+    # ------------------------------------------------------------- batch rows (beam search, num_return_sequences)
+    # Every per-row operation is one row index: batch row ``i`` becomes the old row ``index[i]`` (rows may be
+    # reordered, repeated or dropped), applied by :meth:`_index_rows`. Stored counts are shared by all rows (every
+    # row of an unpadded batch holds the same number of entries per KV head: eviction drops the same number from
+    # every row and KV head), so a row operation changes no count and keeps that invariant. transformers 5.24's
+    # generate expands the inputs (num_beams, num_return_sequences) before the prefill and calls reorder_cache after
+    # every beam-search step; batch_repeat_interleave / batch_select_indices are for callers (e.g. read a prompt
+    # once, then sample several continuations of it).
+    _VIEW_ROW_FIELDS = ("values", "positions", "weights", "outputs", "queries", "keys", "attention_sum")
+    """The :class:`~caote.methods.StepView` fields with a batch axis (a deferred question-aware step's view)."""
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("an evicting cache cannot be cropped (assisted decoding is not supported)")
+    @property
+    def batch_size(self) -> int:
+        """Batch rows held (0 before the first step)."""
+        return self._keys.shape[0] if self._keys is not None else 0
+
+    @staticmethod
+    def repeated_rows(batch: int, repeats: int) -> torch.LongTensor:
+        """The row index of ``batch_repeat_interleave(repeats)``: ``0, 0, …, 1, 1, …`` (each row ``repeats``
+        times)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+        return torch.arange(batch).repeat_interleave(repeats)
+
+    @staticmethod
+    def selected_rows(batch: int, indices) -> torch.LongTensor:
+        """The row index of ``batch_select_indices(indices)``: ``indices`` as transformers' layers apply it
+        (``keys[indices, ...]``: integer indices, a boolean mask or a slice), as a 1-D index."""
+        device = indices.device if isinstance(indices, torch.Tensor) else None
+        return torch.arange(batch, device=device)[indices].reshape(-1)
+
+    def _index_rows(self, index: torch.LongTensor) -> None:
+        """Make batch row ``i`` the old row ``index[i]`` for every per-row state of the layer: the key/value buffers,
+        the absolute positions, H2O's accumulated attention and the question-aware state (``kept_spans``,
+        ``question_scores``, a deferred step's view and scores).
+
+        The one method a batch-row operation goes through (:meth:`reorder_cache`, :meth:`batch_select_indices`,
+        :meth:`batch_repeat_interleave`, and :class:`EvictingCache`'s): a layer class with other per-row state
+        overrides it, calls it, and reindexes its own. Counts (``stored``, ``seen``, ``capacity``, ``evicted``,
+        ``peak_stored``) are per KV head and shared by all rows, so they do not change.
+        """
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+
+        def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index)
+
+        self._keys, self._values = rows(self._keys), rows(self._values)
+        self._positions, self._attention_sum = rows(self._positions), rows(self._attention_sum)
+        self.kept_spans, self.question_scores = rows(self.kept_spans), rows(self.question_scores)
+        if self.pending is not None:
+            view, scores = self.pending
+            for name in self._VIEW_ROW_FIELDS:
+                setattr(view, name, rows(getattr(view, name)))
+            self.pending = (view, rows(scores))
+        self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row ``i`` becomes the old row ``beam_idx[i]`` (every per-row state follows)."""
+        self._index_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("expanding an evicting cache over the batch is not supported")
+        """Repeat every batch row ``repeats`` times, each copy next to its row."""
+        self._index_rows(self.repeated_rows(self.batch_size, repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("selecting batch rows of an evicting cache is not supported")
+        """Keep only the batch rows ``indices`` (integer indices or a boolean mask), in that order."""
+        self._index_rows(self.selected_rows(self.batch_size, indices))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (transformers 5.x passes a negative count; 0 does nothing).
+
+        Exact only while the layer holds everything it has seen, unchanged: before any eviction, for a method that
+        accumulates nothing, outside a question-aware step. After an eviction it is refused (``ValueError``, saying
+        why): which entries were evicted depended on the tokens to remove, and evicted entries cannot be restored.
+        So the cache stays ``is_croppable = False`` and transformers refuses assisted decoding with it.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number, the count of tokens to remove "
+                             "(transformers 5.x); a positive value (a length to keep) is not supported")
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        reason = self._crop_refusal()
+        if reason is not None:
+            raise ValueError(f"an evicting cache cannot be cropped {reason}")
+        if count > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): the cache holds only {self.seen} tokens")
+        self.seen -= count
+        self.stored -= count
+        self._publish()
+
+    def _crop_refusal(self) -> str | None:
+        """Why :meth:`crop` cannot be exact now (the end of an error message), or ``None``."""
+        if self.evicted:
+            return (f"after eviction ({self.evicted} entries per KV head evicted so far): the tokens to remove took "
+                    "part in choosing what was evicted, and evicted entries cannot be restored; crop is exact only "
+                    "before any eviction (a budget above every token seen)")
+        if self._attention_sum is not None:
+            return (f"with method {self.config.method!r}: it accumulates attention, and the attention of the tokens "
+                    "to remove is already added to the kept entries' scores")
+        if self.probe_len or self.pending is not None:
+            return "during a question-aware step (the question probe's entries and a deferred eviction are pending)"
+        if self.attends_itself:
+            return f"with {type(self).__name__}: its per-head storage has no crop"
+        return None
 
     # ------------------------------------------------------------------------------------ accounting
     def entry_bytes(self) -> int:
@@ -313,15 +421,110 @@ class EvictingLayer(CacheLayerMixin):
         return batch * heads * (dim + self._values.shape[-1]) * self._keys.element_size()
 
 
+class WindowLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer of a hybrid model: transformers' own ``DynamicSlidingWindowLayer`` (it keeps the last
+    ``sliding_window - 1`` tokens and never evicts; the budget applies to the global layers), plus the counters
+    :class:`EvictingCache` reports (``seen``, ``stored``, ``peak_stored``, ``capacity``, :meth:`entry_bytes`, as
+    :class:`EvictingLayer` has them), the question probe's undo and the batch-row index."""
+
+    evicted = 0
+    """Entries evicted per KV head: none (the window drops what the model's own cache drops)."""
+
+    def __init__(self, sliding_window: int):
+        super().__init__(sliding_window=sliding_window)
+        self.peak_stored = 0
+        """Most entries per KV head ever held at attention time (``window - 1 + step`` once the window is full)."""
+        self._before_probe: tuple[torch.Tensor | None, torch.Tensor | None, int] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' sliding-window update; records the entries the step attends over."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.peak_stored = max(self.peak_stored, keys.shape[-2])
+        return keys, values
+
+    @property
+    def seen(self) -> int:
+        """Tokens seen so far."""
+        return self.cumulative_length
+
+    @property
+    def stored(self) -> int:
+        """Entries held per KV head (at most ``sliding_window - 1`` between steps)."""
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    @property
+    def capacity(self) -> int:
+        """Entries per KV head the key buffer really occupies: transformers keeps the window as a view of the last
+        step's concatenation, which stays allocated (``window - 1 + step``) until the next step."""
+        if self.stored == 0:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return self.keys.untyped_storage().nbytes() // (batch * heads * dim * self.keys.element_size())
+
+    @property
+    def batch_size(self) -> int:
+        """Batch rows held (0 before the first step)."""
+        return self.keys.shape[0] if self.stored else 0
+
+    def entry_bytes(self) -> int:
+        """Bytes of one stored entry across the batch and KV heads (key + value)."""
+        if self.stored == 0:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return batch * heads * (dim + self.values.shape[-1]) * self.keys.element_size()
+
+    def reset(self) -> None:
+        super().reset()
+        self.peak_stored, self._before_probe = 0, None
+
+    def _index_rows(self, index: torch.LongTensor) -> None:
+        """Batch row ``i`` becomes the old row ``index[i]`` (as :meth:`EvictingLayer._index_rows`)."""
+        if self.stored:
+            index = index.to(self.device)
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+
+    def begin_probe(self) -> None:
+        """Remember the window before a question probe (:meth:`EvictingCache.probe_question`) runs through it."""
+        self._before_probe = (self.keys, self.values, self.cumulative_length)
+
+    def drop_probe(self) -> None:
+        """Forget the question probe's entries: the window is as before :meth:`begin_probe` (the probe's tokens pushed
+        context entries out of it)."""
+        if self._before_probe is not None:
+            self.keys, self.values, self.cumulative_length = self._before_probe
+            self._before_probe = None
+
+
+def _make_layer(config: EvictionConfig, sliding_window: int | None = None,
+                inv_freq: torch.Tensor | None = None) -> EvictingLayer | WindowLayer:
+    """The cache layer of one decoder layer, the one place that chooses layer kinds: a sliding-window layer
+    (``sliding_window``, from :func:`caote.hf.layer_windows`) keeps its window (:class:`WindowLayer`, never
+    evicting); a global layer stores its entries in one ``(B, H_kv, N, D)`` buffer (:class:`EvictingLayer`), or in
+    per-head segments for head-adaptive budgets. ``inv_freq``: the global layers' RoPE frequencies (``expected``)."""
+    if sliding_window is not None:
+        return WindowLayer(sliding_window)
+    facts = ModelFacts(inv_freq=inv_freq)
+    if config.spec.adaptive:
+        from caote.head_adaptive import HeadAdaptiveLayer  # it subclasses EvictingLayer, defined above
+
+        return HeadAdaptiveLayer(config, facts)
+    return EvictingLayer(config, facts)
+
+
 class EvictingCache(Cache):
-    """A transformers ``Cache`` that keeps at most ``budget`` entries per layer and KV head.
+    """A transformers ``Cache`` that keeps at most ``budget`` entries per global layer and KV head.
 
     >>> cache = EvictingCache(model, budget=512, method="h2o+fastcaote")
-    >>> model.generate(input_ids, past_key_values=cache, prefill_chunk_size=128, max_new_tokens=32)
+    >>> model.generate(input_ids, cache=cache, prefill_chunk_size=128, max_new_tokens=32)  # transformers 5.24: cache=
 
-    Passing ``model`` checks its architecture and switches it to caote's attention function (required for
-    eviction). Without ``prefill_chunk_size`` transformers prefills the whole prompt in one forward: the
-    result is the same policy applied once, but the peak memory is then the whole prompt;
+    Passing ``model`` checks its architecture (:func:`caote.hf.layer_windows`) and switches it to caote's attention
+    function (required for eviction). The budget applies to the global (full-attention) layers; the sliding-window
+    layers of a hybrid model (Gemma 2/3, ...) keep their window in transformers' own sliding-window layer
+    (:class:`WindowLayer`), and the memory counted below includes them. Without the model every layer is a global
+    one (for models without sliding layers). Without ``prefill_chunk_size`` transformers prefills the whole prompt
+    in one forward: the result is the same policy applied once, but the peak memory is then the whole prompt;
     :func:`caote.generate` always prefills block by block.
     """
 
@@ -345,29 +548,73 @@ class EvictingCache(Cache):
         self._spans_seen = 0
         """Tokens seen when the spans were last chosen: later positions are the block just read."""
         if model is not None:
-            hf.attach(model)
-            num_layers = hf.model_shape(model.config)[0]
+            windows = hf.attach(model)
             inv_freq = hf.rope_inv_freq(model)
-            super().__init__(layers=[EvictingLayer(config, ModelFacts(inv_freq=inv_freq)) for _ in range(num_layers)])
+            if config.spec.reads.queries and inv_freq is None and None in windows:
+                raise ValueError(f"method {config.method!r} needs the model's RoPE frequencies, which caote cannot "
+                                 f"use for this model: {hf.rope_unavailable_reason(model)}; choose another method")
+            super().__init__(layers=[_make_layer(config, window, inv_freq) for window in windows])
         else:
             if config.spec.reads.queries:
                 raise ValueError(f"method {config.method!r} needs the model's RoPE frequencies: pass the model, "
                                  "EvictingCache(model, ...)")
             hf.register()
-            super().__init__(layer_class_to_replicate=functools.partial(EvictingLayer, config))
+            super().__init__(layer_class_to_replicate=functools.partial(_make_layer, config))
+
+    @property
+    def evicting_layers(self) -> list[EvictingLayer]:
+        """The global layers, the ones the budget applies to."""
+        return [layer for layer in self.layers if isinstance(layer, EvictingLayer)]
+
+    @property
+    def window_layers(self) -> list[WindowLayer]:
+        """The sliding-window layers (hybrid models), each keeping its window."""
+        return [layer for layer in self.layers if isinstance(layer, WindowLayer)]
 
     def stop_evicting(self) -> None:
         """Keep every entry from now on (kvpress's perplexity protocol keeps the continuation's own entries); the
         buffers then grow with the tokens, as a full cache's do."""
         keep_all = EvictionConfig(budget=None, method="full", block_size=self.config.block_size)
-        for layer in self.layers:
+        for layer in self.evicting_layers:
             layer.config = keep_all
             layer.kept_spans = None
+
+    # ------------------------------------------------------------- batch rows (beam search, num_return_sequences)
+    # transformers' Cache dispatches these to every layer; the cache's own per-row state (the question-aware
+    # centres) must follow too, so the cache applies one row index to its layers and to itself.
+    @property
+    def batch_size(self) -> int:
+        """Batch rows held (0 before the first step)."""
+        return max((layer.batch_size for layer in self.layers), default=0)
+
+    def _index_rows(self, index: torch.LongTensor) -> None:
+        """Batch row ``i`` becomes the old row ``index[i]`` in every layer (:meth:`EvictingLayer._index_rows`) and in
+        the question-aware centres ``(B, seen)``."""
+        for layer in self.layers:
+            layer._index_rows(index)
+        if self._centers is not None:
+            self._centers = self._centers.index_select(0, index.to(self._centers.device))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row ``i`` becomes the old row ``beam_idx[i]``."""
+        self._index_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times, each copy next to its row: e.g. read a prompt once, then
+        ``cache.batch_repeat_interleave(n)`` before sampling ``n`` continuations of it."""
+        self._index_rows(EvictingLayer.repeated_rows(self.batch_size, repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` (integer indices or a boolean mask), in that order."""
+        self._index_rows(EvictingLayer.selected_rows(self.batch_size, indices))
 
     # ------------------------------------------------------------------------------- question-aware mode
     def start_block(self, question: bool) -> None:
         """Before a prefill block: with ``question``, the layers keep their scores and wait for the probe."""
-        for layer in self.layers:
+        if question and self.config.spec.adaptive:
+            raise ValueError(f"method {self.config.method!r}: the question-aware mode with '+adaptive' is not "
+                             "implemented (its spans are shared positions in every head)")
+        for layer in self.evicting_layers:
             layer.defer = question
 
     def probe_question(self, model, question_ids: torch.Tensor, final_position: int, settings: QuestionAware) -> None:
@@ -375,24 +622,27 @@ class EvictingCache(Cache):
         question ``(B, M)`` at the positions it will have at the end of the prompt (``final_position − M + 1 ..
         final_position``) through the cache, fuse the layers' rankings of the probe's attention, keep the best spans
         in every layer, drop the probe's entries and evict what the block scored."""
-        if any(layer.pending is not None for layer in self.layers):
+        if any(layer.pending is not None for layer in self.evicting_layers):
             length = question_ids.shape[1]
-            for layer in self.layers:
+            for layer in self.evicting_layers:
                 layer.reserve = max(layer.reserve, length)
                 layer.probe_len = length
+            for layer in self.window_layers:
+                layer.begin_probe()
             positions = torch.arange(final_position - length + 1, final_position + 1, device=question_ids.device)
             hf.forward(model, question_ids, self, logits_to_keep=1, position_ids=positions.expand(question_ids.shape[0], -1))
             for layer in self.layers:
                 layer.drop_probe()
             self._share_spans(settings)
-        for layer in self.layers:
+        for layer in self.evicting_layers:
             layer.defer = False
             layer.evict_pending()
 
     def _share_spans(self, settings: QuestionAware) -> None:
-        seen = self.layers[0].seen
+        layers = self.evicting_layers
+        seen = layers[0].seen
         dense = torch.stack([question.dense_scores(layer.question_scores, layer.positions, seen)
-                             for layer in self.layers])
+                             for layer in layers])
         ranking = question.rank_fusion(dense)
         # candidates: the block just read (held by every layer: its ranking is fair) and the current centres (their
         # spans are held by every layer too); an older position that some layers already evicted cannot come back
@@ -406,7 +656,7 @@ class EvictingCache(Cache):
         spans, centers = question.shared_spans(ranking, max(quota, 0), settings.span_before, settings.span_after,
                                                settings.sinks)
         self._centers, self._spans_seen = centers, seen
-        for layer in self.layers:
+        for layer in layers:
             layer.kept_spans = spans
             layer.question_scores = None
 
@@ -416,31 +666,45 @@ class EvictingCache(Cache):
 
     @property
     def stored_tokens(self) -> int:
-        """Entries held per layer and KV head now."""
+        """Entries held per layer and KV head now, the most of any layer (a sliding-window layer holds up to its
+        window: ``max(layer.stored for layer in cache.evicting_layers)`` is the global layers' count)."""
         return max((layer.stored for layer in self.layers), default=0)
 
     @property
     def peak_stored_tokens(self) -> int:
-        """Most entries per layer and KV head ever held at once (new tokens of a step included)."""
+        """Most entries per layer and KV head ever held at once (new tokens of a step included), any layer."""
         return max((layer.peak_stored for layer in self.layers), default=0)
 
     @property
     def evicted_tokens(self) -> int:
-        """Entries evicted, summed over layers (per KV head)."""
+        """Entries evicted, summed over layers (per KV head); sliding-window layers evict none."""
         return sum(layer.evicted for layer in self.layers)
 
     def kv_bytes(self) -> int:
-        """Bytes of the keys and values stored now, all layers."""
+        """Bytes of the keys and values stored now, all layers (sliding-window layers included)."""
         return sum(layer.stored * layer.entry_bytes() for layer in self.layers)
+
+    def window_kv_bytes(self) -> int:
+        """Bytes of the keys and values the sliding-window layers store now (part of :meth:`kv_bytes`)."""
+        return sum(layer.stored * layer.entry_bytes() for layer in self.window_layers)
 
     def peak_kv_bytes(self) -> int:
         """Peak bytes of stored keys and values, all layers (each layer's peak, summed)."""
         return sum(layer.peak_stored * layer.entry_bytes() for layer in self.layers)
 
     def allocated_kv_bytes(self) -> int:
-        """Bytes of the key/value buffers as allocated (``budget + block_size`` entries per layer)."""
+        """Bytes of the key/value buffers as allocated (``budget + block_size`` entries per global layer; a
+        sliding-window layer's window and the last step, see :attr:`WindowLayer.capacity`)."""
         return sum(layer.capacity * layer.entry_bytes() for layer in self.layers)
 
     def full_kv_bytes(self) -> int:
-        """Bytes a full (never-evicting) cache would hold for the tokens seen so far."""
-        return sum(layer.seen * layer.entry_bytes() for layer in self.layers)
+        """Bytes the model's own cache (transformers' ``DynamicCache(config=...)``) would hold for the tokens seen so
+        far: every token in the global layers, the window in the sliding-window layers."""
+        return sum((layer.stored if layer.is_sliding else layer.seen) * layer.entry_bytes() for layer in self.layers)
+
+    def full_peak_kv_bytes(self) -> int:
+        """Peak bytes the model's own cache would hold for the same steps: every token seen in the global layers, and
+        each sliding-window layer's own peak (its window plus the step attending, whatever the global layers evict).
+        Equal to :meth:`full_kv_bytes` for a model without sliding-window layers."""
+        return sum((layer.peak_stored if layer.is_sliding else layer.seen) * layer.entry_bytes()
+                   for layer in self.layers)

@@ -51,7 +51,8 @@ LEGEND = ("found: the answer's words in order as whole words, the number followe
 def _model_arguments(p) -> None:
     """``--model``, ``--dtype``, ``--device``, ``--threads``, shared by ``demo`` and ``ask``."""
     p.add_argument("--model", default=None, type=arg_type(check_model),
-                   help="model folder or hub id (default: offline SmolLM2-135M-Instruct)")
+                   help="model folder or hub id, or gemma-3-270m (offline, after scripts/install.sh --gemma) "
+                        "(default: offline SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", type=dtype_arg, help=f"{DTYPE_HELP} (default float32)")
     add_device_argument(p)
     p.add_argument("--threads", type=positive_int_arg("--threads", 4), default=None,
@@ -130,7 +131,7 @@ def _load(args):
 
 
 def run_ask(args) -> int:
-    from caote.ask import ask, eviction_line, kv_line, mode_label, read_text_file, time_line
+    from caote.ask import ask, eviction_line, kv_line, layers_line, mode_label, read_text_file, time_line
 
     text = read_text_file(args.text_file, "--text-file")  # before the model loads
     model, tokenizer = _load(args)
@@ -140,13 +141,15 @@ def run_ask(args) -> int:
                  stream=lambda piece: print(piece, end="", flush=True), progress=True)
     print()
     budget = "no budget" if result.budget is None else (
-        f"budget {result.budget} entries per layer and KV head" + (f" ({args.budget:.1%} of the prompt)"
-                                                                    if isinstance(args.budget, float) else ""))
+        f"budget {result.budget} entries per {'global ' if result.window_layers else ''}layer and KV head"
+        + (f" ({args.budget:.1%} of the prompt)" if isinstance(args.budget, float) else ""))
     print(f"prompt      {result.prompt_tokens:,} tokens ({args.text_file.name} + question), "
           f"read in blocks of {result.block_size}")
     print(f"method      {mode_label(result.method, result.question_aware)}, {budget}")
     print(eviction_line(result))
     print(kv_line(result))
+    if (layers := layers_line(result)) is not None:
+        print(layers)
     print(time_line(result))
     return 0
 
@@ -252,7 +255,7 @@ def demo_summary(rows: list[dict], budget: int) -> str:
 
 
 def run_demo(args) -> int:
-    from caote.ask import answer_credit, mode_label, read_text_file
+    from caote.ask import answer_credit, layers_line, mode_label, read_text_file
     from caote.generation import generate
     from caote.texts import DEFAULT_NEEDLE, insert_needle, paul_graham_essays
 
@@ -278,8 +281,11 @@ def run_demo(args) -> int:
     print(f"model           {model.config._name_or_path} ({args.dtype}, {args.device})")
     print(f"prompt          {first.prompt_tokens} tokens, needle at depth {args.depth:.2f}")
     print(f"question        {needle.question} (expected {needle.answer!r})")
+    if (layers := layers_line(rows[-1]["result"], width=16)) is not None:  # a hybrid model: which layers evict
+        print(layers)
     if len(rows) > 1:
-        print(f"budget          {args.budget} entries per layer and KV head, prefill blocks of {args.block_size}")
+        per = "global layer" if rows[-1]["result"].window_layers else "layer"
+        print(f"budget          {args.budget} entries per {per} and KV head, prefill blocks of {args.block_size}")
         print()
         for line in demo_table(rows, needle.answer, needle.question):
             print(line)

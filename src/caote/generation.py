@@ -1,8 +1,9 @@
 """Block-wise prefill and greedy decoding through an evicting cache (method.md §1).
 
-The prompt goes through the model ``block_size`` tokens at a time; after each block every layer evicts back
+The prompt goes through the model ``block_size`` tokens at a time; after each block every global layer evicts back
 to ``budget`` entries per KV head, so the KV memory never exceeds ``budget + block_size`` entries per layer and
-KV head, however long the prompt. Each generated token is appended and evicted back to the budget.
+KV head, however long the prompt (the sliding-window layers of a hybrid model hold their window, ``window - 1 +
+block_size`` at most). Each generated token is appended and evicted back to the budget.
 """
 
 from __future__ import annotations
@@ -63,22 +64,36 @@ class GenerationResult:
     budget: int | None
     block_size: int
     kv_bytes: int
-    """Keys and values held at the end, all layers."""
+    """Keys and values held at the end, all layers (sliding-window layers included)."""
     peak_kv_bytes: int
     """Peak keys and values held (new block included), all layers."""
     full_kv_bytes: int
-    """What a full cache would hold for the same tokens."""
+    """What a full cache (the model's own: the window in sliding-window layers) would hold for the same tokens."""
     evicted_tokens: int
     """Entries evicted per KV head, summed over layers."""
     prefill_seconds: float
     decode_seconds: float
     question_aware: bool = False
     """Whether the question steered eviction during prefill (question-aware mode, :mod:`caote.question`)."""
+    global_layers: int = 0
+    """Layers the budget applies to (full attention)."""
+    window_layers: int = 0
+    """Sliding-window layers of a hybrid model: each keeps its window (never evicting)."""
+    sliding_window: int | None = None
+    """The largest window of those layers (``None`` without any)."""
+    window_kv_bytes: int = 0
+    """Of ``kv_bytes``, what the sliding-window layers hold."""
+    full_peak_kv_bytes: int = 0
+    """The full cache's peak for the same steps (its sliding-window layers hold a step beyond their window while it
+    attends); 0 = ``full_kv_bytes``."""
     extra: dict = field(default_factory=dict)
 
     @property
     def peak_kv_fraction(self) -> float:
-        return self.peak_kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 0.0
+        """Peak KV memory as a share of the full cache's peak (for a model without sliding-window layers, of
+        ``full_kv_bytes``)."""
+        full = self.full_peak_kv_bytes or self.full_kv_bytes
+        return self.peak_kv_bytes / full if full else 0.0
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -222,4 +237,9 @@ def generate(
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         question_aware=settings is not None,
+        global_layers=len(cache.evicting_layers),
+        window_layers=len(cache.window_layers),
+        sliding_window=max((layer.sliding_window for layer in cache.window_layers), default=None),
+        window_kv_bytes=cache.window_kv_bytes(),
+        full_peak_kv_bytes=cache.full_peak_kv_bytes(),
     )

@@ -26,6 +26,8 @@ class EvictionConfig:
         snapkv_kernel: SnapKV pooling kernel (reference default 5, average pooling).
         expected_future: future positions the ``expected`` score averages the rotary phase over (kvpress default 512).
         joint_round: entries added per greedy round of ``+joint`` (1 = plain greedy; larger = fewer passes).
+        head_floor: with ``+adaptive``, the fraction of ``budget`` every KV head keeps whatever its scores (AdaKV's
+            safeguard ``alpha``, default 0.2); the rest of the layer's ``budget × H_kv`` goes to the best scores.
     """
 
     budget: int | None
@@ -37,6 +39,7 @@ class EvictionConfig:
     snapkv_kernel: int = 5
     expected_future: int = 512
     joint_round: int = 8
+    head_floor: float = 0.2
     spec: MethodSpec = field(init=False, repr=False, compare=False)
     base: str = field(init=False)
     correction: str | None = field(init=False)
@@ -60,6 +63,9 @@ class EvictionConfig:
         for name in ("expected_future", "joint_round"):
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.head_floor, bool) or not isinstance(self.head_floor, (int, float)) or not (
+                0.0 <= self.head_floor <= 1.0):
+            raise ValueError(f"head_floor must be a number in [0, 1] (a fraction of the budget), got {self.head_floor!r}")
         sinks = self.sink_tokens if self.sink_tokens is not None else spec.base.default_sinks(self)
         if sinks < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sinks}")

@@ -14,6 +14,12 @@ Python; the suggested fix is spelled accordingly (``--threads 4`` or ``threads=4
 * :func:`check_model`, :func:`model_unavailable_message`: a local model folder that must exist, or a hub id that
   must be in the local Hugging Face cache when offline;
 * :func:`check_file`, :func:`check_folder`, :func:`check_results_folder`: paths that must exist;
+* :func:`read_data_file`, :func:`read_text_file`, :func:`read_qa_jsonl`, :func:`check_data_tokens`: your own data
+  (``caote ask``, ``caote eval ppl --text-file``, ``niah --haystack-file``, ``tasks --jsonl``): a UTF-8 file that
+  exists and is not empty, JSON lines of question-answering records (the line named in every error), and text long
+  enough for what was asked; :class:`DataFile` keys a result by the file's content (sha256 of its bytes),
+  :func:`data_label` reads the file's name back from that key; :func:`spelled_like` spells a parameter as a flag
+  or a Python name, like the one it is named beside;
 * :func:`arg_type` (any check as an ``argparse`` ``type=``), :class:`ArgumentParser` (one-line errors raised as
   :class:`UsageError`), :func:`add_device_argument`.
 
@@ -24,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +238,30 @@ def check_methods(value: str | Sequence[str], name: str = "methods") -> list[str
     return out
 
 
+def check_option(text: str, name: str = "--option") -> tuple[str, int | float]:
+    """``NAME=VALUE``: an :class:`~caote.policy.EvictionConfig` option (``head_floor=0.5``, ``sink_tokens=4``) with a
+    number as its value; the option's own checks run when the configuration is built."""
+    import dataclasses
+
+    from caote.policy import EvictionConfig
+
+    valid = [f.name for f in dataclasses.fields(EvictionConfig) if f.init and f.name not in ("budget", "method",
+                                                                                            "block_size")]
+    key, sep, value = str(text).partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or key not in valid:
+        hint = suggest(key, valid) if sep else ""
+        raise ValueError(f"{name} {text!r}: expected NAME=VALUE with NAME one of {', '.join(valid)}"
+                         f"{';' + hint if hint else ''} (e.g. {name} head_floor=0.5)")
+    number = _parse_int(value)
+    if number is None:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} {text!r}: the value must be a number") from None
+    return key, number
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 def check_dtype(dtype: Any) -> torch.dtype:
     """The ``torch.dtype`` for ``dtype`` (an alias such as ``"fp16"``, or a ``torch.dtype``)."""
@@ -329,13 +362,14 @@ def _in_hub_cache(repo_id: str, name: str) -> bool:
 
 def check_model(name_or_path: str | os.PathLike | None, default_names: Sequence[str] = (),
                 name: str = "--model") -> str | None:
-    """``None``/``""``, a name in ``default_names`` or the offline default (returned unchanged); an existing model
-    folder (returned with ``~`` expanded; a path-like name that does not exist is refused); or a hub id, which
-    must be in the local Hugging Face cache when downloads are off (:func:`is_offline`). ``name`` is the flag or
-    parameter named in the fix."""
-    from caote.models import DEFAULT_MODEL
+    """``None``/``""``, a name in ``default_names`` or an offline model's name (``caote.models.OFFLINE_MODELS``:
+    the default ``smollm2-135m``, ``gemma-3-270m``; returned unchanged); an existing model folder (returned with
+    ``~`` expanded; a path-like name that does not exist is refused); or a hub id, which must be in the local
+    Hugging Face cache when downloads are off (:func:`is_offline`). ``name`` is the flag or parameter named in the
+    fix."""
+    from caote.models import OFFLINE_MODELS
 
-    if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL, *default_names):
+    if name_or_path is None or str(name_or_path) in ("", *OFFLINE_MODELS, *default_names):
         return None if name_or_path is None else str(name_or_path)
     text = str(name_or_path)
     path = Path(os.path.expanduser(text))
@@ -382,6 +416,170 @@ def check_results_folder(value: str | os.PathLike) -> Path:
     if not any((path / name).is_file() and (path / name).stat().st_size > 0 for name in RESULT_FILES):
         raise ValueError(f"results folder {value} holds no evaluation results ({', '.join(RESULT_FILES)}); {run}")
     return path
+
+
+# ------------------------------------------------------------------------------------------------ your own data
+DATA_HASH_DIGITS = 16
+"""Hex digits of a data file's sha256 kept in a cell's key (64 bits, as the model fingerprint)."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file as read and checked by :func:`read_data_file`: its path, its text (UTF-8, newlines as
+    ``\\n``) and the sha256 of its bytes. :attr:`key` identifies it in an evaluation cell's key: by content, with
+    the file's name as the label the report shows."""
+
+    path: Path
+    text: str
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        """The file's name (without its folder)."""
+        return self.path.name
+
+    @property
+    def key(self) -> str:
+        """``"<file name> sha256:<first 16 hex digits>"``: the ``data`` setting of a cell's key."""
+        return f"{self.name} sha256:{self.sha256[:DATA_HASH_DIGITS]}"
+
+
+def data_label(key: str | None) -> str | None:
+    """The file name in a ``data`` key (:attr:`DataFile.key`), or ``None`` for the built-in data."""
+    return None if key is None else str(key).rsplit(" sha256:", 1)[0]
+
+
+def read_data_file(value: str | os.PathLike, name: str, wanted: str = "text") -> DataFile:
+    """File ``value`` read and checked: it must exist, be a file, be UTF-8 (a leading byte-order mark is dropped)
+    and hold more than blanks (``wanted`` says what it should hold). Every error is one line naming ``name`` (the
+    flag or parameter) and the file."""
+    path = check_file(value, name)
+    try:
+        raw = path.read_bytes()
+    except OSError as problem:
+        raise ValueError(f"{name}: cannot read {value}: {problem.strerror or problem}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as problem:
+        line = raw[: problem.start].count(b"\n") + 1
+        raise ValueError(f"{name}: {value} is not UTF-8 text (line {line}, byte {problem.start}: {problem.reason}); "
+                         f"convert it, e.g. iconv -f latin1 -t utf-8 {value} > {Path(value).stem}.utf8"
+                         f"{Path(value).suffix or '.txt'}") from None
+    if not text.strip():
+        raise ValueError(f"{name}: {value} is empty; give a file with {wanted}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's text mode reads it
+    return DataFile(path=path, text=text, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def read_text_file(value: str | os.PathLike, name: str, wanted: str = "text") -> str:
+    """The text of file ``value`` (:func:`read_data_file`)."""
+    return read_data_file(value, name, wanted).text
+
+
+def spelled_like(like: str, parameter: str) -> str:
+    """``parameter`` spelt as ``like`` is: ``--lengths`` beside a flag, ``lengths`` beside a Python parameter."""
+    return f"--{parameter.replace('_', '-')}" if _is_flag(like) else parameter
+
+
+def check_data_tokens(data: DataFile, tokens: int, need: int, name: str, asked: str, fix: str) -> None:
+    """Refuse ``data`` when its text has fewer than ``need`` tokens: one line naming the file (``name`` is its flag
+    or parameter), how many tokens it has, what ``asked`` for ``need`` of them and the ``fix``."""
+    if tokens < need:
+        raise ValueError(f"{name}: {data.path} has {tokens:,} tokens, fewer than the {need:,} that {asked}; {fix}")
+
+
+QA_FIELDS = ("context", "question", "answers")
+"""Fields of a question-answering record of ``caote eval tasks --jsonl`` (``answers``: a list of strings, or a
+string)."""
+KVPRESS_QA_FIELDS = ("context", "question", "answer_prefix", "answer")
+"""kvpress's dataset schema, also accepted (``answer_prefix`` optional; ``answer``: a string or a list)."""
+QA_OPTIONAL_FIELDS = ("answer_prefix", "max_new_tokens")
+"""Optional in both schemas: the text that opens the answer, the record's own generation length."""
+_QA_SCHEMAS = ("each line is one JSON object with context, question and answers (a list of strings), or kvpress's "
+               "context, question, answer_prefix (optional) and answer")
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """One checked record of a question-answering JSON-lines file."""
+
+    line: int
+    """Its line in the file (1-based): the sample id of its cells."""
+    context: str
+    question: str
+    answers: tuple[str, ...]
+    schema: str
+    """``"answers"`` (this project's schema) or ``"kvpress"`` (the record had ``answer``)."""
+    answer_prefix: str | None = None
+    """As given (``None``: the schema's default)."""
+    max_new_tokens: int | None = None
+    """The record's own generation length, as given (kvpress's column)."""
+
+
+@dataclass(frozen=True)
+class QAFile:
+    """A question-answering JSON-lines file read and checked by :func:`read_qa_jsonl`."""
+
+    data: DataFile
+    records: tuple[QARecord, ...]
+
+
+def _qa_record(obj: Any, line: int, where: str) -> QARecord:
+    """``obj`` (one parsed line) checked as a :class:`QARecord`; errors start with ``where`` (file and line)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_QA_SCHEMAS}")
+
+    def text(field: str, required: bool = True) -> str | None:
+        if field not in obj:
+            if not required:
+                return None
+            raise ValueError(f"{where}: missing field {field!r}; {_QA_SCHEMAS}")
+        value = obj[field]
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r:.40}")
+        if required and not value.strip():
+            raise ValueError(f"{where}: field {field!r} is empty")
+        return value
+
+    context, question = text("context"), text("question")
+    if "answers" in obj and "answer" in obj:
+        raise ValueError(f"{where}: has both 'answers' and 'answer'; give one of them")
+    field = "answers" if "answers" in obj else "answer"
+    if field not in obj:
+        raise ValueError(f"{where}: missing field 'answers' (or kvpress's 'answer'); {_QA_SCHEMAS}")
+    value = obj[field]
+    answers = [value] if isinstance(value, str) else value
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: field {field!r} must be a string or a list of strings, got "
+                         f"{type(value).__name__} {value!r:.40}")
+    if not any(a.strip() for a in answers):
+        raise ValueError(f"{where}: field {field!r} holds no non-empty answer")
+    budget = obj.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"{where}: field 'max_new_tokens' must be a positive integer, got {budget!r}")
+    return QARecord(line=line, context=context, question=question, answers=tuple(answers),
+                    schema="answers" if field == "answers" else "kvpress",
+                    answer_prefix=text("answer_prefix", required=False), max_new_tokens=budget)
+
+
+def read_qa_jsonl(value: str | os.PathLike, name: str) -> QAFile:
+    """A JSON-lines file of question-answering records (:data:`QA_FIELDS`, or kvpress's :data:`KVPRESS_QA_FIELDS`;
+    optional :data:`QA_OPTIONAL_FIELDS`; other fields are ignored; blank lines are skipped), read and checked: a
+    file error (:func:`read_data_file`), a line that is not JSON, not an object, or misses a field or has one of the
+    wrong type is one line naming the file and the line number."""
+    data = read_data_file(value, name, wanted="one JSON record per line (context, question, answers)")
+    records = []
+    for number, line in enumerate(data.text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{name}: {value} line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as problem:
+            raise ValueError(f"{where}: not valid JSON ({problem.msg}, column {problem.colno}); {_QA_SCHEMAS}") \
+                from None
+        records.append(_qa_record(obj, number, where))
+    return QAFile(data=data, records=tuple(records))
 
 
 # ------------------------------------------------------------------------------------------------ argparse

@@ -7,15 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from caote.policy import METHODS
+from caote.policy import METHODS, EvictionConfig
 from caote.validation import (
     DTYPE_HELP,
     add_device_argument,
     arg_type,
     check_depths,
+    check_file,
     check_folder,
     check_model,
     check_nonnegative_int,
+    check_option,
     dtype_arg,
     int_list_text_arg,
     methods_text_arg,
@@ -47,6 +49,9 @@ def _common(p: argparse.ArgumentParser, lengths: str | None, budgets: str) -> No
     p.add_argument("--threads", type=positive_int_arg("--threads", 4), default=None,
                    help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--option", action="append", default=[], type=arg_type(check_option), metavar="NAME=VALUE",
+                   help="an eviction option for every cache, repeatable (e.g. --option head_floor=0.5, --option "
+                        "sink_tokens=4); part of every cell's key")
 
 
 def add_parsers(sub) -> None:
@@ -56,12 +61,17 @@ def add_parsers(sub) -> None:
                                     "rerunning skips finished cells.")
     evsub = ev.add_subparsers(dest="eval_name", required=True)
 
-    p = evsub.add_parser("ppl", help="perplexity under eviction on Jane Austen's novels")
+    p = evsub.add_parser("ppl", help="perplexity under eviction on Jane Austen's novels (or your own text)")
     _common(p, lengths="1024,2048", budgets="64,128,256,512")
     p.add_argument("--samples", "--limit", dest="samples", type=positive_int_arg("--samples", 2), default=2,
-                   help="text windows per length: the opening of each novel in turn (default 2)")
+                   help="text windows per length: the opening of each novel in turn (with --text-file: the "
+                        "file's first LENGTH tokens, then its next LENGTH tokens, ...) (default 2)")
     p.add_argument("--books", default=None, help="comma list of novels (default: all six, in publication order); "
                                                  "'essays' = the Paul Graham essays (kvpress's comparison text)")
+    p.add_argument("--text-file", type=arg_type(check_file, "--text-file"), default=None, metavar="FILE",
+                   help="your own UTF-8 text instead of the books, cut into windows as they are; it must hold "
+                        "--samples windows of the longest --lengths (+512 for continuation/compress-once); "
+                        "keyed by the sha256 of its bytes, so an edited file computes new cells")
     p.add_argument("--protocol", default="bounded", choices=["bounded", "continuation", "compress-once"],
                    help="bounded (default): every token of the window scored through the evicting cache; "
                         "continuation: bounded prefill of LENGTH tokens, then the next 512 scored with their "
@@ -77,13 +87,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="plain prompt without the chat template")
     p.add_argument("--question-aware", action="store_true",
                    help="question-aware protocol: the question steers eviction during prefill (labelled in results)")
+    p.add_argument("--haystack-file", type=arg_type(check_file, "--haystack-file"), default=None, metavar="FILE",
+                   help="your own UTF-8 text to hide the needle in instead of the essays; at least the longest "
+                        "--lengths tokens (never repeated); keyed by the sha256 of its bytes")
 
-    p = evsub.add_parser("tasks", help="RULER tasks and (with --longbench-dir) LongBench")
+    p = evsub.add_parser("tasks", help="RULER tasks, (with --longbench-dir) LongBench, (with --jsonl) your own QA")
     _common(p, lengths="2048,4096", budgets="128,256,512")
     p.add_argument("--tasks", default=None, help="comma list of RULER tasks (default: niah_single, niah_multikey, "
-                                                 "niah_multivalue, vt, cwe); 'none' for LongBench only")
+                                                 "niah_multivalue, vt, cwe; with --jsonl: none); 'none' for "
+                                                 "LongBench or --jsonl only")
     p.add_argument("--samples", "--limit", dest="samples", type=positive_int_arg("--samples", 2), default=2,
-                   help="samples per task and length (LongBench: first N records per dataset) (default 2)")
+                   help="samples per task and length (LongBench, --jsonl: the first N records) (default 2)")
     p.add_argument("--longbench-dir", type=arg_type(check_folder, "--longbench-dir"), default=None,
                    help="folder of LongBench <dataset>.jsonl files (offline); all found are run")
     p.add_argument("--longbench-tasks", default=None, help="comma list of LongBench datasets within --longbench-dir")
@@ -91,7 +105,15 @@ def add_parsers(sub) -> None:
                    help="cap on each task's generation length (default: the task's own)")
     p.add_argument("--window", type=positive_int_arg("--window", 8192), default=None,
                    help="LongBench truncation window incl. generation (default: the model's, e.g. 8192)")
-    p.add_argument("--no-chat", action="store_true", help="RULER prompts without the chat template")
+    p.add_argument("--jsonl", type=arg_type(check_file, "--jsonl"), default=None, metavar="FILE",
+                   help="your own QA task (task jsonl/<file name>): one JSON object per line with context, question, "
+                        "answers (a list of strings, or a string), or kvpress's context, question, answer_prefix "
+                        "(optional), answer; optional max_new_tokens (default 32, capped by --max-new-tokens). Each "
+                        "of --lengths caps the prompt: a longer context is cut from its end (recorded as "
+                        "truncated). Scored by SQuAD's token F1 of the answer's first line against the best answer "
+                        "(score; exact match in em; any answer contained in the generation in match). Keyed by the "
+                        "file's sha256")
+    p.add_argument("--no-chat", action="store_true", help="RULER and --jsonl prompts without the chat template")
     p.add_argument("--question-aware", action="store_true",
                    help="question-aware protocol: the question steers eviction during prefill (labelled in results)")
 
@@ -137,6 +159,37 @@ def _depths(text: str):
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+OWN_DATA_FLAGS = {"ppl": ("text_file", "--text-file"), "niah": ("haystack_file", "--haystack-file"),
+                  "tasks": ("jsonl", "--jsonl")}
+"""The own-data argument of each evaluation: its ``run_*`` parameter and its flag."""
+
+
+def _own_data(args, lengths: list[int]) -> dict:
+    """The evaluation's own data file (``--text-file``, ``--haystack-file``, ``--jsonl``) read and checked before the
+    model loads, as the ``run_*`` keyword argument: file errors first, then (with the model's tokenizer alone) a
+    text too short for the ``--lengths`` asked. ``{}`` when none is given."""
+    parameter, flag = OWN_DATA_FLAGS.get(args.eval_name, (None, None))
+    value = getattr(args, parameter, None) if parameter else None
+    if value is None:
+        return {}
+    from caote.eval import owndata
+    from caote.eval.runner import CONTINUATION_TOKENS
+    from caote.models import load_tokenizer
+
+    if args.eval_name == "tasks":
+        return {parameter: owndata.qa_data(value, flag)}
+    if args.eval_name == "ppl" and args.books:
+        raise ValueError("give --text-file or --books, not both")
+    data = owndata.text_data(value, flag)
+    tokenizer = load_tokenizer(args.model)
+    if args.eval_name == "ppl":
+        extra = 0 if args.protocol == "bounded" else CONTINUATION_TOKENS
+        owndata.check_ppl_text(tokenizer, data, lengths, args.samples, extra, flag)
+    else:
+        owndata.check_haystack(tokenizer, data, lengths, flag)
+    return {parameter: data}
+
+
 def run_eval_command(args) -> int:
     import torch
 
@@ -148,16 +201,19 @@ def run_eval_command(args) -> int:
     methods = runner.parse_methods(args.methods)
     budgets = runner.parse_list(args.budgets, int)
     lengths = runner.parse_list(getattr(args, "lengths", None), int)
-    runner.method_budgets(methods, budgets)  # fail before loading the model
+    options = dict(args.option)
+    for method, budget in runner.method_budgets(methods, budgets):  # fail before loading the model
+        EvictionConfig(budget=budget, method=method, block_size=args.block_size, **options)
     if args.eval_name == "squad":
         from caote.eval.squad import check_squad_file
 
         check_squad_file(args.squad_file)  # one-line error naming the fetch script
+    own_data = _own_data(args, lengths)  # your own file, read and checked before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     protocol = getattr(args, "protocol", None) or ("question-aware" if getattr(args, "question_aware", False)
                                                    else "bounded")
     common = {"methods": methods, "budgets": budgets, "lengths": lengths, "block_size": args.block_size,
-              "progress": not args.no_progress, "seed": args.seed, "protocol": protocol}
+              "progress": not args.no_progress, "seed": args.seed, "protocol": protocol, "options": options}
     if args.eval_name == "ppl":
         kwargs = {"samples": args.samples, "books": runner.parse_list(args.books) or None}
     elif args.eval_name == "niah":
@@ -179,7 +235,7 @@ def run_eval_command(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("eval_handler",)}
     settings["model_label"] = runner.model_name(model)
     summary = runner.run_eval(args.eval_name, model, tokenizer, out=args.out, settings=settings,
-                              **common, **kwargs)
+                              **common, **kwargs, **own_data)
     from caote.eval.report import summary_lines
 
     table = summary_lines(args.eval_name, summary["records"])

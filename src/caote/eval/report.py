@@ -43,6 +43,7 @@ from pathlib import Path
 
 from caote.eval.runner import SETTING_FIELDS, load_records, read_jsonl
 from caote.policy import parse_method
+from caote.validation import data_label
 
 # Paper-like row order: full, streaming, caote, then each score base followed by its corrections.
 METHOD_ORDER: tuple[str, ...] = (
@@ -265,7 +266,8 @@ def _ppl_tables(records: list[dict], label: str = "", gaps: bool = True) -> list
 
 def _ppl_section(records: list[dict], label: str = "") -> list[str]:
     sources = {str(r.get("sample", "")).split("@")[0] for r in records}
-    text = "Paul Graham essays" if sources == {"essays"} else (
+    files = sorted({data_label(r["data"]) for r in records if r.get("data")})
+    text = f"your text: {', '.join(files)}" if files else "Paul Graham essays" if sources == {"essays"} else (
         "Austen novels" if "essays" not in sources else "Austen novels and Paul Graham essays")
     lines = [f"## Perplexity under eviction ({text})" + _suffix(label), "",
              "Perplexity pooled over samples; below it, the gap to the full cache (same samples). Lower is better.", ""]
@@ -476,9 +478,11 @@ def _task_average(rows):
 
 
 def _tasks_section(records: list[dict], label: str = "") -> list[str]:
+    own = ", your JSON-lines tasks (`jsonl/<file>`): SQuAD's F1" if any(r.get("suite") == "jsonl" for r in records) \
+        else ""
     lines = ["## Long-context tasks" + _suffix(label), "",
-             ("RULER tasks: `string_match_all` (fraction of references found), LongBench: its per-dataset metric; "
-             "scores in [0, 1], averaged over samples."), ""]
+             ("RULER tasks: `string_match_all` (fraction of references found), LongBench: its per-dataset metric"
+              f"{own}; scores in [0, 1], averaged over samples."), ""]
     setting = settings_line(records)
     if setting:
         lines += [setting, ""]

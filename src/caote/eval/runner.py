@@ -10,7 +10,8 @@ every record carries the ``run_id`` of the run that produced it.
 A cell's key (:data:`KEY_FIELDS`) is its grid position (eval, method, budget, length, task, sample) plus every
 setting that changes its result (:data:`SETTING_FIELDS`, a :class:`RunSettings`): the model's name and a
 fingerprint of its files (:func:`model_fingerprint`), dtype, device, block size, the eviction options, the
-generation length, the seed, the chat template, the protocol and the caote version. A rerun with another
+generation length, the seed, the chat template, the protocol, your own data file (its name and the sha256 of its
+bytes; ``None`` for the built-in data) and the caote version. A rerun with another
 setting computes new cells; the same settings skip the finished ones. Records written before these fields
 existed are read with them filled in from their run in ``runs.jsonl`` (:func:`backfill_settings`); the file
 is never rewritten.
@@ -27,11 +28,15 @@ Method ``full`` never evicts: it runs once per length and sample, with ``budget 
   model window minus the generation length; chat template where LongBench uses one).
 * :func:`caote.eval.squad.run_squad` (``squad``) -- SQuAD v1.1 dev questions over whole Wikipedia articles,
   scored with SQuAD's own F1 and exact match (records in ``<out>/squad.jsonl``).
+
+Your own data (:mod:`caote.eval.owndata`): ``run_ppl(text_file=...)``, ``run_niah(haystack_file=...)`` and
+``run_tasks(jsonl=...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -51,10 +56,11 @@ from caote import hf
 from caote.cache import EvictingCache
 from caote.generation import generate
 from caote.policy import METHODS, EvictionConfig, parse_method
+from caote.validation import DataFile, QAFile
 
 EVALS = ("ppl", "niah", "tasks", "squad")
 SETTING_FIELDS = ("model", "model_fingerprint", "dtype", "device", "protocol", "block_size", "options",
-                  "max_new_tokens", "seed", "chat", "caote_version")
+                  "max_new_tokens", "seed", "chat", "data", "caote_version")
 """Settings that change a cell's result (:class:`RunSettings`); records that differ in one are never pooled."""
 GRID_FIELDS = ("eval", "method", "budget", "length", "task", "sample")
 """A cell's position in the grid of one run."""
@@ -271,7 +277,9 @@ class RunSettings:
     """Every setting that changes a cell's result; all of them are part of the stored cell key.
 
     ``max_new_tokens`` and ``chat`` are ``None`` where the evaluation has no such setting (``ppl``);
-    ``chat`` is the effective choice (the tokenizer's template when asked for the default).
+    ``chat`` is the effective choice (the tokenizer's template when asked for the default). ``data`` is the user's
+    own data file (:attr:`caote.validation.DataFile.key`: its name and the sha256 of its bytes), ``None`` for the
+    built-in texts and tasks.
     """
 
     model: str
@@ -284,18 +292,21 @@ class RunSettings:
     max_new_tokens: int | None = None
     chat: bool | None = None
     protocol: str = DEFAULT_PROTOCOL
+    data: str | None = None
     caote_version: str = field(default_factory=_caote_version)
 
     @classmethod
     def for_model(cls, model, *, block_size: int, seed: int = DEFAULT_SEED, options: Mapping | None = None,
                   max_new_tokens: int | None = None, chat: bool | None = None, protocol: str = DEFAULT_PROTOCOL,
-                  model_label: str | None = None, fingerprint: str | None = None) -> RunSettings:
+                  model_label: str | None = None, fingerprint: str | None = None,
+                  data: str | None = None) -> RunSettings:
         """The settings of a run of ``model`` (name, fingerprint, dtype and device read from it)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; implemented: {', '.join(PROTOCOLS)}")
         return cls(model=model_label or model_name(model), model_fingerprint=fingerprint or model_fingerprint(model),
                    dtype=model_dtype(model), device=model_device(model), block_size=int(block_size), seed=int(seed),
-                   options=normalize_options(options), max_new_tokens=max_new_tokens, chat=chat, protocol=protocol)
+                   options=normalize_options(options), max_new_tokens=max_new_tokens, chat=chat, protocol=protocol,
+                   data=data)
 
     def key(self) -> dict:
         """The settings as stored in every record (field order of :data:`SETTING_FIELDS`)."""
@@ -387,6 +398,7 @@ def backfill_settings(record: dict, run: dict | None = None) -> dict:
         "max_new_tokens": max_new_tokens,
         "seed": settings.get("seed", LEGACY_DEFAULTS["seed"]),
         "chat": chat,
+        "data": None,  # the built-in texts and tasks: own data files came with the data field
         "caote_version": versions.get("caote", LEGACY_DEFAULTS["caote_version"]),
     }
     return {**record, **{k: v for k, v in filled.items() if k not in record}}
@@ -515,6 +527,10 @@ class RunContext:
     def store(self, eval_name: str) -> ResultStore:
         return ResultStore(self.out / f"{eval_name}.jsonl")
 
+    def with_data(self, data: str | None) -> RunContext:
+        """This context for cells computed on another data file (:attr:`RunSettings.data`)."""
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, data=data))
+
     def key(self, eval_name: str, method: str, budget: int | None, length: int | None, sample, task=None) -> dict:
         """A cell's full key: eval, every setting, then its grid position."""
         return {"eval": eval_name, **self.settings.key(), "method": method, "budget": budget, "length": length,
@@ -523,10 +539,11 @@ class RunContext:
 
 def _context(out, model, run_id, progress, *, block_size: int, seed: int, options: Mapping | None,
              max_new_tokens: int | None, chat: bool | None, protocol: str, model_label: str | None,
-             model_fingerprint: str | None, tokenizer=None) -> RunContext:
+             model_fingerprint: str | None, tokenizer=None, data: str | None = None) -> RunContext:
     settings = RunSettings.for_model(model, block_size=block_size, seed=seed, options=options,
                                      max_new_tokens=max_new_tokens, chat=_effective_chat(tokenizer, chat),
-                                     protocol=protocol, model_label=model_label, fingerprint=model_fingerprint)
+                                     protocol=protocol, model_label=model_label, fingerprint=model_fingerprint,
+                                     data=data)
     return RunContext(Path(out), settings, run_id or "", progress)
 
 
@@ -569,18 +586,21 @@ def evicted_nll(
     method: str,
     budget: int | None,
     block_size: int = 128,
+    cache: EvictingCache | None = None,
     **options,
 ) -> tuple[float, int]:
     """Summed next-token NLL of ``input_ids`` ``(1, L)`` read block by block through an evicting cache.
 
     Each block's logits are computed with the cache as it stands after the previous evictions; the
     logits at position ``t`` score token ``t + 1``. Returns ``(nll_sum, tokens_scored)`` with
-    ``tokens_scored = L - 1``.
+    ``tokens_scored = L - 1``. ``cache``: a fresh cache prepared by the caller (e.g. an analysis that gives its
+    layers extra facts, scripts/oracle_gap.py) instead of one built from ``method``/``budget``/``options``.
     """
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (1, L>=2), got {tuple(input_ids.shape)}")
     input_ids = input_ids.to(model.device)
-    cache = EvictingCache(model, budget=budget, method=method, block_size=block_size, **options)
+    if cache is None:
+        cache = EvictingCache(model, budget=budget, method=method, block_size=block_size, **options)
     length = input_ids.shape[1]
     total = torch.zeros((), dtype=torch.float64)
     with torch.inference_mode():
@@ -645,37 +665,50 @@ def _text_source(slug: str) -> str:
     return book_text(slug)
 
 
+def text_windows(tokenizer, texts: Mapping[str, Callable[[], str]], length: int,
+                 samples: int) -> list[tuple[str, list[int]]]:
+    """Up to ``samples`` windows of ``length`` tokens from ``texts`` (name -> a function returning the text): the
+    opening of each text in turn, then their next ``length`` tokens, and so on; fewer when the texts run out.
+
+    Sample ids are ``"<name>@<token offset>"``. Each text is tokenised by growing character prefixes, not whole.
+    """
+    windows: list[tuple[str, list[int]]] = []
+    round_ = 0
+    while len(windows) < samples:
+        added = False
+        for name, read in texts.items():
+            if len(windows) >= samples:
+                break
+            offset = round_ * length
+            text = read()
+            n_chars = max(4096, 8 * (offset + length))
+            while True:
+                whole = n_chars >= len(text)
+                ids = tokenizer.encode(text[:n_chars], add_special_tokens=False)
+                if whole or len(ids) >= offset + length + 1:
+                    break
+                n_chars *= 2
+            # +1 on a prefix: its last token may be cut by the character prefix
+            if len(ids) >= offset + length + (0 if whole else 1):
+                windows.append((f"{name}@{offset}", ids[offset : offset + length]))
+                added = True
+        if not added:
+            break
+        round_ += 1
+    return windows
+
+
 def book_windows(tokenizer, length: int, samples: int, books: Sequence[str] | None = None) -> list[tuple[str, list[int]]]:
     """``samples`` windows of ``length`` tokens: the opening of each novel in turn, then further windows
-    (second, third, ... ``length`` tokens) when more samples than novels are asked for.
+    (second, third, ... ``length`` tokens) when more samples than novels are asked for (:func:`text_windows`).
 
     Sample ids are ``"<slug>@<token offset>"``.
     """
     from caote.eval.books import BOOKS, book_slug
 
     slugs = [b if b == "essays" else book_slug(b) for b in books] if books else list(BOOKS)
-    windows: list[tuple[str, list[int]]] = []
-    round_ = 0
-    while len(windows) < samples:
-        added = False
-        for slug in slugs:
-            if len(windows) >= samples:
-                break
-            offset = round_ * length
-            text = _text_source(slug)
-            n_chars = max(4096, 8 * (offset + length))
-            ids: list[int] = []
-            while True:
-                ids = tokenizer.encode(text[:n_chars], add_special_tokens=False)
-                if len(ids) >= offset + length + 1 or n_chars >= len(text):
-                    break
-                n_chars *= 2
-            if len(ids) >= offset + length + 1:  # +1: the last token may be cut by the character prefix
-                windows.append((f"{slug}@{offset}", ids[offset : offset + length]))
-                added = True
-        if not added:
-            break
-        round_ += 1
+    windows = text_windows(tokenizer, {slug: functools.partial(_text_source, slug) for slug in slugs}, length,
+                           samples)
     if len(windows) < samples:
         raise ValueError(f"only {len(windows)} windows of {length} tokens available in the books")
     return windows
@@ -693,6 +726,7 @@ def run_ppl(
     samples: int = 1,
     books: Sequence[str] | None = None,
     windows: Sequence[tuple[str, Sequence[int]]] | None = None,
+    text_file: str | os.PathLike | DataFile | None = None,
     run_id: str | None = None,
     progress: bool = True,
     model_label: str | None = None,
@@ -705,18 +739,30 @@ def run_ppl(
 
     ``windows`` (``(sample_id, token_ids)`` pairs, each at least the largest length) replaces the books,
     e.g. for a model with its own vocabulary in tests; each length uses its first ``length`` tokens.
+    ``text_file`` (a UTF-8 file, or a :class:`~caote.validation.DataFile`) replaces the books with your text, cut
+    into windows as the books are (:mod:`caote.eval.owndata`); the file (its name and the sha256 of its bytes) is
+    keyed, and a text too short for ``samples`` windows of the longest length is refused before any cell runs.
     ``options`` are :class:`~caote.policy.EvictionConfig` options (``sink_tokens``, ...) for every cache;
     they, ``protocol`` and the model's fingerprint (default: :func:`model_fingerprint`) are keyed.
     ``protocol`` ``continuation``/``compress-once`` reads windows of ``length +`` :data:`CONTINUATION_TOKENS`
     tokens and scores the continuation only (:func:`continuation_nll`); ``books`` may name ``essays``.
     """
+    from caote.eval import owndata
+
     _check_protocol(protocol, PPL_PROTOCOLS, "ppl")
     extra = 0 if protocol == "bounded" else CONTINUATION_TOKENS
+    data = None
+    if text_file is not None:
+        if books or windows is not None:
+            raise ValueError("give text_file or books (or windows), not both")
+        data = owndata.text_data(text_file, "text_file")
+        owndata.check_ppl_text(tokenizer, data, lengths, samples, extra, "text_file")
     set_seed(seed)
     ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
                    max_new_tokens=None, chat=None, protocol=protocol, model_label=model_label,
-                   model_fingerprint=model_fingerprint)
+                   model_fingerprint=model_fingerprint, data=data.key if data else None)
     _check_options(ctx, method_budgets(methods, budgets))
+    source = {"data_file": str(data.path)} if data else {}
     cells = []
     for length in lengths:
         length = int(length)
@@ -724,6 +770,10 @@ def run_ppl(
             wins = [(sid, list(ids)[: length + extra]) for sid, ids in list(windows)[:samples]]
             if any(len(ids) < length + extra for _, ids in wins):
                 raise ValueError(f"a window is shorter than length {length} + {extra}")
+        elif data is not None:
+            wins = text_windows(tokenizer, {data.name: lambda: data.text}, length + extra, samples)
+            if len(wins) < samples:  # not expected: check_ppl_text counted the tokens
+                raise ValueError(f"text_file: only {len(wins)} windows of {length + extra} tokens in {data.path}")
         else:
             wins = book_windows(tokenizer, length + extra, samples, books)
         for method, budget in method_budgets(methods, budgets):
@@ -738,7 +788,7 @@ def run_ppl(
                         nll, n = continuation_nll(model, torch.tensor([ids[:length]]), torch.tensor([ids[length:]]),
                                                   method, budget, ctx.block_size,
                                                   compress_once=protocol == "compress-once", **ctx.options)
-                    return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n)}
+                    return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), **source}
 
                 cells.append((key, compute))
     return _run_cells(ctx, "ppl", cells, "ppl")
@@ -798,20 +848,30 @@ def run_niah(
     options: Mapping | None = None,
     protocol: str = DEFAULT_PROTOCOL,
     model_fingerprint: str | None = None,
+    haystack_file: str | os.PathLike | DataFile | None = None,
 ) -> dict:
     """Needle recall of every method x budget over lengths x depths; records go to ``<out>/niah.jsonl``.
 
     ``depths`` is a list of fractions or a count (:func:`caote.eval.needle.depth_grid`). The sample id is
     the depth; each (length, depth) cell has its own needle, the same for every method and budget.
     ``options``, ``protocol``, ``max_new_tokens``, ``seed`` and ``chat`` are keyed (see :func:`run_ppl`).
+    ``haystack_file`` (a UTF-8 file, or a :class:`~caote.validation.DataFile`) hides the needle in your text
+    instead of the essays; it is keyed (name and sha256), and a text shorter than the longest length is refused
+    before any cell runs (it is never repeated).
     """
+    from caote.eval import owndata
     from caote.eval.needle import depth_grid, make_needle_samples, needle_recovered
 
     _check_protocol(protocol, GENERATION_PROTOCOLS, "niah")
+    data = None
+    if haystack_file is not None:
+        data = owndata.text_data(haystack_file, "haystack_file")
+        owndata.check_haystack(tokenizer, data, lengths, "haystack_file")
     set_seed(seed)
     ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
                    max_new_tokens=max_new_tokens, chat=chat, protocol=protocol, model_label=model_label,
-                   model_fingerprint=model_fingerprint, tokenizer=tokenizer)
+                   model_fingerprint=model_fingerprint, tokenizer=tokenizer, data=data.key if data else None)
+    source = {"data_file": str(data.path)} if data else {}
     depth_list = depth_grid(depths) if isinstance(depths, int) else [float(d) for d in depths]
     pairs = method_budgets(methods, budgets)
     _check_options(ctx, pairs)
@@ -827,7 +887,7 @@ def run_niah(
         samples = {
             (s.context_length, s.depth): s
             for s in make_needle_samples(tokenizer, [length], depth_list, seed=_length_seed(seed, length),
-                                         chat=ctx.settings.chat)
+                                         chat=ctx.settings.chat, haystack=data.text if data else None)
         }
         for key, method, budget, depth in keys:
             sample = samples[(length, depth)]
@@ -843,6 +903,7 @@ def run_niah(
                     "expected": sample.answer,
                     "score": float(needle_recovered(gen["prediction"], sample.answer)),
                     **gen,
+                    **source,
                 }
 
             cells.append((key, compute))
@@ -892,8 +953,10 @@ def run_tasks(
     options: Mapping | None = None,
     protocol: str = DEFAULT_PROTOCOL,
     model_fingerprint: str | None = None,
+    jsonl: str | os.PathLike | QAFile | None = None,
 ) -> dict:
-    """RULER tasks at every length, plus LongBench from ``longbench_dir``; records go to ``<out>/tasks.jsonl``.
+    """RULER tasks at every length, plus LongBench from ``longbench_dir`` and your question-answering records from
+    ``jsonl``; records go to ``<out>/tasks.jsonl``.
 
     RULER prompts are ``length`` tokens (the cache's content after prefill; RULER's generation tokens are
     extra). LongBench prompts are middle-truncated to ``window - max_new_tokens`` tokens (``window``
@@ -901,10 +964,17 @@ def run_tasks(
     ``max_new_tokens`` caps each task's own generation length (RULER: 128 for niah, 30 for vt, 120 for
     cwe; LongBench: ``dataset2maxlen``). ``tasks=[]`` runs LongBench only. ``options``, ``protocol``,
     ``max_new_tokens`` (the cap as given), ``seed`` and ``chat`` are keyed (see :func:`run_ppl`).
+    ``jsonl`` (a JSON-lines file, or a :class:`~caote.validation.QAFile`) adds the task ``jsonl/<file name>``: its
+    first ``samples`` records at every length, each length capping the prompt (a longer context is cut from its
+    end), scored with SQuAD's F1 (:mod:`caote.eval.owndata`); its cells are keyed with the file (name and sha256).
+    With ``jsonl`` the RULER tasks run only when ``tasks`` names them.
     """
-    from caote.eval import ruler
+    from caote.eval import owndata, ruler
 
     _check_protocol(protocol, GENERATION_PROTOCOLS, "tasks")
+    qa = owndata.qa_data(jsonl, "jsonl") if jsonl is not None else None
+    if qa is not None and tasks is None:
+        tasks = []
     set_seed(seed)
     ctx = _context(out, model, run_id, progress, block_size=block_size, seed=seed, options=options,
                    max_new_tokens=max_new_tokens, chat=chat, protocol=protocol, model_label=model_label,
@@ -940,6 +1010,8 @@ def run_tasks(
     if longbench_dir is not None:
         cells.extend(_longbench_cells(ctx, model, tokenizer, pairs, longbench_dir, longbench_tasks, samples,
                                       max_new_tokens, window or model_window(model), store))
+    if qa is not None:
+        cells.extend(owndata.qa_cells(ctx, model, tokenizer, pairs, qa, lengths, samples, max_new_tokens, store))
     return _run_cells(ctx, "tasks", cells, "tasks")
 
 
@@ -1017,4 +1089,5 @@ __all__ = [
     "run_ppl",
     "run_tasks",
     "start_run",
+    "text_windows",
 ]

@@ -50,7 +50,7 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,7 @@ __all__ = [
     "extract_answer",
     "f1_score",
     "fetch_squad",
+    "fit_prompt",
     "load_squad",
     "metric_max_over_ground_truths",
     "normalize_answer",
@@ -242,40 +243,49 @@ class SquadPrompt:
         return len(self.ids)
 
 
-def _prompt_text(tokenizer, document: str, question: str, chat: bool | None) -> str:
+def _prompt_text(tokenizer, document: str, question: str, chat: bool | None, answer_prefix: str = ANSWER_PREFIX) -> str:
     from caote.eval.needle import wrap_chat
 
     user = f"{INSTRUCTION}\n\n{document}\n\n{QUESTION_MARKER}{question}"
-    return wrap_chat(tokenizer, user, ANSWER_PREFIX, chat=chat)
+    return wrap_chat(tokenizer, user, answer_prefix, chat=chat)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def build_prompt(tokenizer, document: str, question: str, max_context: int | None = None,
-                 chat: bool | None = None) -> SquadPrompt:
-    """The prompt of one question (see the module docstring), at most ``max_context`` tokens.
+def fit_prompt(tokenizer, document: str, render: Callable[[str], str], anchor: str, max_context: int | None = None,
+               what: str = "the question") -> SquadPrompt:
+    """The prompt ``render(document)``, at most ``max_context`` tokens; ``anchor`` (the question as the prompt holds
+    it) starts the question window (its last occurrence).
 
     When the whole prompt is longer, the document is cut at a token boundary, keeping its beginning, to the
-    largest length whose prompt fits; ``ValueError`` when even an empty document does not fit.
+    largest length whose prompt fits; ``ValueError`` naming ``what`` when even an empty document does not fit.
     """
-    text = _prompt_text(tokenizer, document, question, chat)
+    text = render(document)
     ids = _encode(tokenizer, text)
     doc_ids = _encode(tokenizer, document)
     if max_context is None or len(ids) <= max_context:
-        return SquadPrompt(text, ids, text.rindex(QUESTION_MARKER + question), len(doc_ids), len(doc_ids), False)
-    overhead = len(_encode(tokenizer, _prompt_text(tokenizer, "", question, chat)))
+        return SquadPrompt(text, ids, text.rindex(anchor), len(doc_ids), len(doc_ids), False)
+    overhead = len(_encode(tokenizer, render("")))
     keep = min(len(doc_ids) - 1, max_context - overhead)
     while keep > 0:
         kept = tokenizer.decode(doc_ids[:keep], skip_special_tokens=False).rstrip("\ufffd")
-        text = _prompt_text(tokenizer, kept, question, chat)
+        text = render(kept)
         ids = _encode(tokenizer, text)
         if len(ids) <= max_context:
-            return SquadPrompt(text, ids, text.rindex(QUESTION_MARKER + question), len(doc_ids), keep, True)
+            return SquadPrompt(text, ids, text.rindex(anchor), len(doc_ids), keep, True)
         keep -= max(1, len(ids) - max_context)
-    raise ValueError(f"max context {max_context} tokens cannot hold the prompt of question {question!r} "
+    raise ValueError(f"max context {max_context} tokens cannot hold the prompt of {what} "
                      f"({overhead} tokens without the document)")
+
+
+def build_prompt(tokenizer, document: str, question: str, max_context: int | None = None,
+                 chat: bool | None = None, answer_prefix: str = ANSWER_PREFIX) -> SquadPrompt:
+    """The prompt of one question (see the module docstring), at most ``max_context`` tokens: the document is cut
+    from its end when the prompt is longer (:func:`fit_prompt`)."""
+    return fit_prompt(tokenizer, document, lambda doc: _prompt_text(tokenizer, doc, question, chat, answer_prefix),
+                      QUESTION_MARKER + question, max_context, f"question {question!r}")
 
 
 def select_articles(articles: Sequence[SquadArticle], tokenizer, *, count: int | None = None,

@@ -1,6 +1,6 @@
 """The method registry: every base, correction and modifier by name, and the composition of a method name.
 
-A method name is ``base[+correction][+out][+joint]`` (case-insensitive):
+A method name is ``base[+correction][+out][+joint][+adaptive]`` (case-insensitive):
 
 * ``base`` — one of :data:`~caote.methods.bases.BASES` (``full``, ``streaming``, ``caote``, ``tova``, ``h2o``,
   ``snapkv``, ``dropkv``, ``expected``);
@@ -9,7 +9,10 @@ A method name is ``base[+correction][+out][+joint]`` (case-insensitive):
 * ``+out`` — errors measured in the residual stream through ``o_proj`` (method.md §6), for every method whose score
   is a CAOTE error (``caote``, ``dropkv``, any ``+caote``/``+fastcaote``);
 * ``+joint`` — the evicted set chosen greedily on its exact joint error (method.md §6) instead of by ranking single
-  errors, for ``caote`` and ``+caote``.
+  errors, for ``caote`` and ``+caote``;
+* ``+adaptive`` — head-adaptive budgets (:mod:`caote.head_adaptive`): the layer's ``budget × H_kv`` entries shared
+  by its KV heads, each keeping what its scores justify, stored per head (the bytes saved are real), for every
+  method that scores entries from the attention step.
 
 Adding a method: define its :class:`~caote.methods.base.Base` (or :class:`~caote.methods.base.Correction`) in its own
 small module and list it here.
@@ -34,7 +37,7 @@ CORRECTIONS: tuple[Correction, ...] = (
                lambda rows, values: values.mean(dim=-2)[:, :, None, None, :].expand(*rows.shape[:-1], -1),
                joint=False),
 )
-MODIFIERS = ("out", "joint")
+MODIFIERS = ("out", "joint", "adaptive")
 
 BASE_BY_NAME = {base.name: base for base in BASES}
 CORRECTION_BY_NAME = {c.name: c for c in CORRECTIONS}
@@ -47,6 +50,7 @@ PAPER_METHODS: tuple[str, ...] = (
 NEW_METHODS: tuple[str, ...] = (
     "caote+out", "caote+joint", "dropkv", "expected", "expected+caote", "expected+caote+out",
     "snapkv+caote+out", "snapkv+caote+joint", "h2o+caote+out",
+    "snapkv+adaptive", "snapkv+caote+adaptive", "expected+caote+adaptive",
 )
 """Query-agnostic methods beyond the paper (method.md §6), each a composition of the registry's parts."""
 METHODS: tuple[str, ...] = PAPER_METHODS + NEW_METHODS
@@ -62,6 +66,7 @@ class MethodSpec:
     correction: Correction | None = None
     output_space: bool = False
     joint: bool = False
+    adaptive: bool = False
 
     @property
     def reads(self) -> Reads:
@@ -113,7 +118,8 @@ def resolve(method: str) -> MethodSpec:
     unknown = [p for p in parts if p not in MODIFIERS]
     if unknown or len(set(parts)) != len(parts):
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}{_suggest(name)}")
-    spec = MethodSpec(_canonical(base, correction, parts), base, correction, "out" in parts, "joint" in parts)
+    spec = MethodSpec(_canonical(base, correction, parts), base, correction, "out" in parts, "joint" in parts,
+                      "adaptive" in parts)
     is_error = correction is not None or base.name in ("caote", "dropkv")
     if spec.output_space and not is_error:
         raise ValueError(f"method {method!r}: '+out' measures a CAOTE error through o_proj; {base_name!r} alone scores "
@@ -121,6 +127,11 @@ def resolve(method: str) -> MethodSpec:
     if spec.joint and not (base.joint_rows is not None if correction is None else correction.joint):
         raise ValueError(f"method {method!r}: '+joint' needs an error of real or normalised attention rows "
                          "(caote, or a base with +caote)")
+    if spec.adaptive and not (base.reads.attention or base.reads.queries):
+        raise ValueError(f"method {method!r}: '+adaptive' shares the budget by the heads' scores; {base_name!r} scores "
+                         "no entry from the attention step (every head would keep the same)")
+    if spec.adaptive and spec.joint:
+        raise ValueError(f"method {method!r}: '+adaptive' and '+joint' together are not implemented")
     if spec.joint and spec.output_space:
         raise ValueError(f"method {method!r}: '+joint' and '+out' together are not implemented")
     return spec
