@@ -4,6 +4,7 @@ set, recompute attention (and the residual-stream write through o_proj), compare
 import itertools
 import math
 import os
+import re
 
 import hypothesis.strategies as st
 import pytest
@@ -249,3 +250,38 @@ def test_dropkv_is_the_window_sum_of_squared_caote_errors_pooled():
     expected = [sum(raw[i] for i in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= i < prefix) / kernel
                 if j < prefix else raw[j] for j in range(n)]
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------- +chunks
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_eviction_is_the_lowest_summed_whole_chunks(seed):
+    """Against brute force: every set of k evictable whole chunks, the one with the smallest summed score."""
+    gen = torch.Generator().manual_seed(seed)
+    chunk, seen = 3, 31  # the newest chunk (30..) is incomplete
+    kept_chunks = sorted(torch.randperm(10, generator=gen)[:6].tolist())
+    positions = torch.tensor([c * chunk + i for c in kept_chunks for i in range(chunk)] + [30])
+    entry = torch.rand(len(positions), generator=gen)
+    protected = positions < 2 if seed % 2 else torch.zeros(len(positions), dtype=torch.bool)
+    n_evict = 4  # rounds up to 2 chunks
+    got = scores.chunk_eviction(entry.view(1, 1, -1), positions.view(1, 1, -1), protected.view(1, 1, -1), n_evict, chunk,
+                         seen)[0, 0].tolist()
+    chunks = positions // chunk
+    eligible = [c for c in kept_chunks if not protected[chunks == c].any()]
+    best = min(itertools.combinations(eligible, 2), key=lambda s: sum(float(entry[chunks == c].sum()) for c in s))
+    assert got == [i for i in range(len(positions)) if int(chunks[i]) in best]
+
+
+def test_chunk_eviction_refuses_when_protection_covers_the_chunks():
+    positions = torch.arange(8).view(1, 1, -1)
+    with pytest.raises(ValueError, match="cover too many chunks"):
+        scores.chunk_eviction(torch.rand(1, 1, 8), positions, torch.ones(1, 1, 8, dtype=torch.bool), 2, 2, 8)
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("caote+joint+chunks", {}, "does not combine"),
+    ("snapkv+adaptive+chunks", {}, "does not combine"),
+    ("snapkv+caote+chunks", {"budget": 40}, "too small for '+chunks' of 16"),
+])
+def test_chunk_compositions_are_checked(method, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvictionConfig(**({"budget": 256} | options), method=method)

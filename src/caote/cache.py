@@ -15,12 +15,22 @@ Hybrid models (Gemma 2/3, Qwen2 with sliding layers, ...): the budget applies to
 A sliding-window layer is a :class:`WindowLayer`, transformers' own ``DynamicSlidingWindowLayer`` (never evicting:
 it holds its last ``window - 1`` tokens, ``window - 1 + step`` while a step attends), with the counters the cache
 reports; :func:`_make_layer` chooses each layer's kind from the model's layer types (:func:`caote.hf.layer_windows`).
+
+Padded batches (docs/decisions.md 10): a padding token is stored like any other (every row keeps the same number of
+slots per KV head) with the position :data:`PADDING`; every other entry's position is its row's own (the count of the
+row's tokens before it, as transformers' ``generate`` numbers them). The cache learns which of a step's tokens are
+padding from the 2-D attention mask its mask function receives (:meth:`EvictingCache.slot_padding`, shared with
+the layers through :class:`StepPadding`) and builds the mask of its own slots from the stored positions, so padding
+is never attended. Eviction drops padding first (the earliest first, the same slots in every KV head, so the slot
+mask is one per row); each row then evicts among its own tokens, scored on a view of its tokens and its step's
+queries alone (:meth:`EvictingLayer._choose_by_row`): a row evicts what it would evict alone with the same blocks.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
@@ -48,6 +58,40 @@ class UnboundedStepWarning(UserWarning):
 PROBE_READS = Reads(attention=True)
 """A question probe reads every probe query's float32 attention (caote.question)."""
 
+PADDING = -1
+"""The position of a stored padding entry (a real entry's position is its row's own, from 0)."""
+
+
+def padding_inside(attention_mask: torch.Tensor) -> bool:
+    """Whether any row of a 2-D attention mask ``(B, L)`` has padding (0) after its first token."""
+    mask = attention_mask.bool()
+    return bool((mask.long().cummax(-1).values.bool() & ~mask).any())
+
+
+@dataclass
+class StepPadding:
+    """Which tokens of the forward step about to run are padding, per batch row: recorded by the cache's mask
+    function (:meth:`EvictingCache.slot_padding`, before any layer runs) and read by every global layer's
+    ``update``, which numbers the step's tokens and keeps the padding's queries out of the scores."""
+
+    start: int = -1
+    """Tokens seen before the step (its first token's index in the rows)."""
+    valid: torch.Tensor | None = None
+    """``(B, Q)`` bool, ``False`` = padding; ``None`` = no padding in the step."""
+
+    def record(self, start: int, valid: torch.Tensor | None) -> None:
+        self.start, self.valid = start, valid
+
+    def valid_for(self, start: int, batch: int, step: int) -> torch.Tensor | None:
+        """The step's validity ``(B, Q)`` if the recorded step is the one starting at ``start``, else ``None`` (no
+        mask was built for it: no padding)."""
+        if self.valid is None or self.start != start:
+            return None
+        if tuple(self.valid.shape) != (batch, step):
+            raise RuntimeError(f"the attention mask covered {tuple(self.valid.shape)} (batch, step) tokens, the step "
+                               f"writes {(batch, step)}")
+        return self.valid
+
 
 class EvictingLayer(CacheLayerMixin):
     """One layer's bounded KV cache (see the module docstring)."""
@@ -59,13 +103,20 @@ class EvictingLayer(CacheLayerMixin):
     """Whether caote's attention function hands the whole step to the layer's ``attend`` (storage that is not one
     ``(B, H_kv, N, D)`` tensor, e.g. :class:`caote.head_adaptive.HeadAdaptiveLayer`)."""
 
-    def __init__(self, config: EvictionConfig, facts: ModelFacts | None = None):
+    def __init__(self, config: EvictionConfig, facts: ModelFacts | None = None, padding: StepPadding | None = None):
         super().__init__()
         self.config = config
         self.facts = facts if facts is not None else ModelFacts()
         """Model facts some scores need (RoPE frequencies, o_proj factors), see :class:`caote.methods.ModelFacts`."""
+        self.step_padding = padding if padding is not None else StepPadding()
+        """The padding of the step about to run, shared by the cache's layers (:class:`StepPadding`)."""
         self.seen = 0
-        """Tokens seen so far: the absolute position of the next token."""
+        """Tokens seen so far, padding included: the index of the next token in the rows."""
+        self.row_seen: torch.Tensor | None = None
+        """``(B,)`` each row's own tokens seen (padding excluded), its next token's position; ``None`` while no
+        padding was seen (every row: ``seen``)."""
+        self._step_valid: torch.Tensor | None = None
+        """``(B, Q)`` which of the current step's tokens are not padding (``None``: all)."""
         self.stored = 0
         """Entries held per KV head."""
         self.peak_stored = 0
@@ -127,12 +178,44 @@ class EvictingLayer(CacheLayerMixin):
 
     @property
     def positions(self) -> torch.Tensor:
-        """Absolute position of every stored entry, ``(B, H_kv, stored)``, increasing along the last axis."""
+        """Absolute position of every stored entry, ``(B, H_kv, stored)``, increasing along the last axis (padding,
+        :data:`PADDING`, aside)."""
         return self._positions[:, :, : self.stored]
 
     def head_positions(self, row: int, head: int) -> torch.Tensor:
-        """Absolute positions of the entries KV head ``head`` of batch row ``row`` holds, increasing."""
-        return self.positions[row, head]
+        """Absolute positions of the tokens KV head ``head`` of batch row ``row`` holds, increasing (padding left
+        out)."""
+        positions = self.positions[row, head]
+        return positions if self.row_seen is None else positions[positions != PADDING]
+
+    def slot_validity(self) -> torch.Tensor | None:
+        """``(B, stored)`` which stored slots hold a token (``False`` = padding; the same slots in every KV head), or
+        ``None`` while no padding was seen."""
+        return None if self.row_seen is None else self._positions[:, 0, : self.stored] != PADDING
+
+    def _step_positions(self, step: int) -> torch.Tensor:
+        """The positions ``(B, step)`` of the step's tokens, each row's own (:data:`PADDING` for padding), and the
+        rows' counts of their own tokens advanced past them."""
+        batch = self._keys.shape[0]
+        valid = self.step_padding.valid_for(self.seen, batch, step)
+        valid = None if valid is None else valid.to(self.device)
+        if valid is not None and self.config.spec.chunked and not bool(valid.all()):
+            raise ValueError(f"method {self.config.method!r}: '+chunks' does not support padded batches (rows with "
+                             "different padding would evict different numbers of entries); read the prompts one at a "
+                             "time or use the method without '+chunks'")
+        self._step_valid = valid
+        offsets = torch.arange(step, device=self.device)
+        if valid is None and self.row_seen is None:
+            return (self.seen + offsets).expand(batch, -1)
+        if self.row_seen is None:
+            self.row_seen = torch.full((batch,), self.seen, dtype=torch.long, device=self.device)
+        if valid is None:
+            positions = self.row_seen[:, None] + offsets
+            self.row_seen = self.row_seen + step
+        else:
+            positions = (self.row_seen[:, None] + valid.long().cumsum(-1) - 1).masked_fill(~valid, PADDING)
+            self.row_seen = self.row_seen + valid.sum(-1)
+        return positions
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -159,7 +242,7 @@ class EvictingLayer(CacheLayerMixin):
         start, end = self.stored, self.stored + step
         self._keys[:, :, start:end] = key_states
         self._values[:, :, start:end] = value_states
-        self._positions[:, :, start:end] = torch.arange(self.seen, self.seen + step, device=self.device)
+        self._positions[:, :, start:end] = self._step_positions(step)[:, None, :]
         if self._attention_sum is not None:
             self._attention_sum[:, :, start:end] = 0.0
         self.stored, self.seen = end, self.seen + step
@@ -199,11 +282,16 @@ class EvictingLayer(CacheLayerMixin):
         (its ``o_proj`` gives ``+out`` its factors, computed once).
         """
         cfg = self.config
+        if self.row_seen is not None and (self.probe_len or self.defer):
+            raise ValueError("the question-aware mode does not support padded batches (its probe and the spans it "
+                             "keeps are positions shared by every row); read the prompts one at a time")
         if self.probe_len:  # question probe: its attention over the context entries times their value norms
             n_context = self.stored - self.probe_len
             self.question_scores = (weights[..., :n_context].amax(dim=3).mean(dim=2)
                                     * values[:, :, :n_context].norm(dim=-1))
             return
+        if weights is not None and self._step_valid is not None:  # a padding token's query reads nothing
+            weights = weights * self._step_valid[:, None, None, -weights.shape[3]:, None]
         if cfg.accumulates_attention and weights is not None:
             self._attention_sum[:, :, : self.stored] += attention_mass(weights)
         if not cfg.evicts or self.stored <= cfg.budget:
@@ -220,6 +308,9 @@ class EvictingLayer(CacheLayerMixin):
         )
         if view.values is None:  # a score that reads no attention (streaming) still gets the shapes right
             view.values = self.values.to(torch.float32)
+        if self.row_seen is not None:
+            self.evict(self._choose_by_row(view))
+            return
         scores = cfg.spec.score(view)
         if self.defer:
             self.pending = (view, scores)
@@ -230,6 +321,73 @@ class EvictingLayer(CacheLayerMixin):
         cfg = self.config
         protected = self.protected() if (cfg.sink_tokens or cfg.recent_window or self.kept_spans is not None) else None
         self.evict(cfg.spec.choose_evicted(view, scores, protected, self.stored - cfg.budget))
+
+    def _choose_by_row(self, view: StepView) -> torch.Tensor:
+        """The slots ``(B, H_kv, n)`` to evict once padding was seen (``n = stored - budget`` for every row).
+
+        Padding goes first, the earliest first (the same slots in every KV head). A row that must evict more chooses
+        the rest among its own tokens with the method's scores computed on the view of its tokens and its step's
+        queries alone (:meth:`_row_view`), at its own positions: what it would evict alone with the same blocks (the
+        padding's weights are 0, and scores that normalise over the entries or pool neighbours never see it). Rows
+        alike (the same slots of padding, queries of padding and tokens seen) are scored together.
+        """
+        cfg = self.config
+        n_evict = self.stored - cfg.budget
+        valid = self.slot_validity()
+        real_queries = (self._step_valid.sum(-1) if self._step_valid is not None
+                        else torch.full_like(self.row_seen, -1))  # -1: every query of the step
+        alike = torch.cat([valid.long(), real_queries[:, None], self.row_seen[:, None]], dim=-1)
+        kinds, kind_of_row = torch.unique(alike, dim=0, return_inverse=True)
+        heads = self._keys.shape[1]
+        chosen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for kind in range(kinds.shape[0]):
+            rows = (kind_of_row == kind).nonzero().flatten()
+            row_valid = valid[rows[0]]
+            padding, tokens = (~row_valid).nonzero().flatten(), row_valid.nonzero().flatten()
+            n_tokens = n_evict - padding.numel()
+            if n_tokens <= 0:
+                chosen.append((rows, padding[:n_evict].expand(rows.numel(), heads, -1)))
+                continue
+            queries = int(real_queries[rows[0]])
+            if queries == 0:
+                raise RuntimeError("a row whose step is all padding would evict its own tokens")
+            sub = self._row_view(view, rows, tokens, None if queries < 0 else queries, int(self.row_seen[rows[0]]))
+            protected = (self.protected_positions(sub.positions, sub.seen)
+                         if (cfg.sink_tokens or cfg.recent_window) else None)
+            picked = cfg.spec.choose_evicted(sub, cfg.spec.score(sub), protected, n_tokens)
+            chosen.append((rows, torch.cat([padding.expand(rows.numel(), heads, -1), tokens[picked]], dim=-1)))
+        widths = sorted({dropped.shape[-1] for _, dropped in chosen})
+        if len(widths) > 1:
+            raise ValueError(f"method {cfg.method!r} would evict {widths} entries in rows with different padding "
+                             "(every row must keep the same number of slots); read these prompts one at a time")
+        dropped = torch.empty(valid.shape[0], heads, widths[0], dtype=torch.long, device=valid.device)
+        for rows, row_dropped in chosen:
+            dropped[rows] = row_dropped
+        return dropped
+
+    @staticmethod
+    def _row_view(view: StepView, rows: torch.Tensor, tokens: torch.Tensor, queries: int | None,
+                  seen: int) -> StepView:
+        """``view`` for the batch rows ``rows`` alone, restricted to their tokens: the stored slots ``tokens`` and the
+        step's last ``queries`` queries (``None`` = all; within a step a row's padding precedes its tokens), at the
+        rows' own ``seen``."""
+        def by_entry(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, rows).index_select(2, tokens)
+
+        def by_query(tensor: torch.Tensor | None, entries: bool) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            tensor = tensor.index_select(0, rows)
+            if queries is not None:
+                tensor = tensor[..., tensor.shape[3] - min(tensor.shape[3], queries):, :]
+            return tensor.index_select(-1, tokens) if entries else tensor
+
+        return StepView(
+            config=view.config, values=by_entry(view.values), positions=by_entry(view.positions), seen=seen,
+            weights=by_query(view.weights, True), outputs=by_query(view.outputs, False),
+            queries=by_query(view.queries, False), keys=by_entry(view.keys), scaling=view.scaling,
+            attention_sum=by_entry(view.attention_sum), facts=view.facts,
+        )
 
     # ------------------------------------------------------------------------------- question-aware mode
     def drop_probe(self) -> None:
@@ -247,21 +405,29 @@ class EvictingLayer(CacheLayerMixin):
             self._evict_scored(view, scores)
 
     def protected(self) -> torch.Tensor:
-        """``(B, H_kv, stored)`` mask of the entries no policy may evict: sinks and the recent window."""
+        """``(B, H_kv, stored)`` mask of the entries no policy may evict: sinks, the recent window and the
+        question-aware spans."""
         pos = self.positions
-        mask = (pos < self.config.sink_tokens) | (pos >= self.seen - self.config.recent_window)
+        mask = self.protected_positions(pos, self.seen)
         if self.kept_spans is not None:
             spans = self.kept_spans[:, None, :].expand(-1, pos.shape[1], -1)
             mask |= spans.gather(-1, pos.clamp_max(spans.shape[-1] - 1)) & (pos < spans.shape[-1])
         return mask
 
+    def protected_positions(self, positions: torch.Tensor, seen: int) -> torch.Tensor:
+        """Which of the tokens at ``positions`` (any shape) no policy may evict when ``seen`` tokens were seen: the
+        first ``sink_tokens`` and the last ``recent_window`` (never padding)."""
+        cfg = self.config
+        return (positions != PADDING) & ((positions < cfg.sink_tokens) | (positions >= seen - cfg.recent_window))
+
     def evict(self, dropped: torch.Tensor) -> None:
-        """Drop the entries at slots ``dropped`` ``(B, H_kv, stored - budget)`` of each KV head, compacting."""
+        """Drop the entries at slots ``dropped`` ``(B, H_kv, n)`` of each KV head (``n >= stored - budget``; more with
+        ``+chunks``), compacting."""
         first = int(dropped.min())  # slots before it are kept by every head and stay where they are
         kept = torch.ones(*dropped.shape[:2], self.stored - first, dtype=torch.bool, device=dropped.device)
         kept.scatter_(-1, dropped - first, False)
         # nonzero() lists each row's kept slots in increasing order; every row keeps the same number
-        tail = kept.nonzero()[:, -1].view(*dropped.shape[:2], self.config.budget - first) + first
+        tail = kept.nonzero()[:, -1].view(*dropped.shape[:2], self.stored - dropped.shape[-1] - first) + first
         self._move(first, tail)
         if self.capacity > self._steady_capacity(0):
             self._allocate(self._steady_capacity(0), self._keys, self._values)
@@ -300,6 +466,7 @@ class EvictingLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = self.peak_stored = self.evicted = self.capacity = self.probe_len = 0
         self.defer, self.question_scores, self.pending, self.kept_spans = False, None, None, None
+        self.row_seen = self._step_valid = None
         self._keys = self._values = self._positions = self._attention_sum = None
         self.keys = self.values = None
         self.is_initialized = False
@@ -337,8 +504,8 @@ class EvictingLayer(CacheLayerMixin):
 
     def _index_rows(self, index: torch.LongTensor) -> None:
         """Make batch row ``i`` the old row ``index[i]`` for every per-row state of the layer: the key/value buffers,
-        the absolute positions, H2O's accumulated attention and the question-aware state (``kept_spans``,
-        ``question_scores``, a deferred step's view and scores).
+        the absolute positions (padding's included), the rows' own token counts, H2O's accumulated attention and the
+        question-aware state (``kept_spans``, ``question_scores``, a deferred step's view and scores).
 
         The one method a batch-row operation goes through (:meth:`reorder_cache`, :meth:`batch_select_indices`,
         :meth:`batch_repeat_interleave`, and :class:`EvictingCache`'s): a layer class with other per-row state
@@ -354,6 +521,7 @@ class EvictingLayer(CacheLayerMixin):
 
         self._keys, self._values = rows(self._keys), rows(self._values)
         self._positions, self._attention_sum = rows(self._positions), rows(self._attention_sum)
+        self.row_seen, self._step_valid = rows(self.row_seen), rows(self._step_valid)
         self.kept_spans, self.question_scores = rows(self.kept_spans), rows(self.question_scores)
         if self.pending is not None:
             view, scores = self.pending
@@ -393,6 +561,9 @@ class EvictingLayer(CacheLayerMixin):
             raise ValueError(f"an evicting cache cannot be cropped {reason}")
         if count > self.seen:
             raise ValueError(f"crop({tokens_to_remove}): the cache holds only {self.seen} tokens")
+        if self.row_seen is not None:
+            removed = self._positions[:, 0, self.stored - count : self.stored]
+            self.row_seen = self.row_seen - (removed != PADDING).sum(-1)
         self.seen -= count
         self.stored -= count
         self._publish()
@@ -419,6 +590,12 @@ class EvictingLayer(CacheLayerMixin):
             return 0
         batch, heads, _, dim = self._keys.shape
         return batch * heads * (dim + self._values.shape[-1]) * self._keys.element_size()
+
+    def row_evicted(self, row: int) -> int:
+        """Entries of batch row ``row``'s own tokens evicted per KV head so far (padding not counted)."""
+        if self.row_seen is None:
+            return self.evicted
+        return int(self.row_seen[row]) - int(self.slot_validity()[row].sum())
 
 
 class WindowLayer(DynamicSlidingWindowLayer):
@@ -497,20 +674,21 @@ class WindowLayer(DynamicSlidingWindowLayer):
             self._before_probe = None
 
 
-def _make_layer(config: EvictionConfig, sliding_window: int | None = None,
-                inv_freq: torch.Tensor | None = None) -> EvictingLayer | WindowLayer:
+def _make_layer(config: EvictionConfig, sliding_window: int | None = None, inv_freq: torch.Tensor | None = None,
+                padding: StepPadding | None = None) -> EvictingLayer | WindowLayer:
     """The cache layer of one decoder layer, the one place that chooses layer kinds: a sliding-window layer
     (``sliding_window``, from :func:`caote.hf.layer_windows`) keeps its window (:class:`WindowLayer`, never
     evicting); a global layer stores its entries in one ``(B, H_kv, N, D)`` buffer (:class:`EvictingLayer`), or in
-    per-head segments for head-adaptive budgets. ``inv_freq``: the global layers' RoPE frequencies (``expected``)."""
+    per-head segments for head-adaptive budgets. ``inv_freq``: the global layers' RoPE frequencies (``expected``);
+    ``padding``: the cache's record of the step's padding, shared by its global layers."""
     if sliding_window is not None:
         return WindowLayer(sliding_window)
     facts = ModelFacts(inv_freq=inv_freq)
     if config.spec.adaptive:
         from caote.head_adaptive import HeadAdaptiveLayer  # it subclasses EvictingLayer, defined above
 
-        return HeadAdaptiveLayer(config, facts)
-    return EvictingLayer(config, facts)
+        return HeadAdaptiveLayer(config, facts, padding)
+    return EvictingLayer(config, facts, padding)
 
 
 class EvictingCache(Cache):
@@ -543,6 +721,8 @@ class EvictingCache(Cache):
         elif budget is not None or options:
             raise ValueError("pass either config= or budget/method/options, not both")
         self.config = config
+        self._step_padding = StepPadding()
+        """Which tokens of the step about to run are padding (:meth:`slot_padding`), read by the layers."""
         self._centers: torch.Tensor | None = None
         """``(B, seen)`` bool: the positions that chose the question-aware spans (their centres)."""
         self._spans_seen = 0
@@ -553,13 +733,14 @@ class EvictingCache(Cache):
             if config.spec.reads.queries and inv_freq is None and None in windows:
                 raise ValueError(f"method {config.method!r} needs the model's RoPE frequencies, which caote cannot "
                                  f"use for this model: {hf.rope_unavailable_reason(model)}; choose another method")
-            super().__init__(layers=[_make_layer(config, window, inv_freq) for window in windows])
+            super().__init__(layers=[_make_layer(config, window, inv_freq, self._step_padding) for window in windows])
         else:
             if config.spec.reads.queries:
                 raise ValueError(f"method {config.method!r} needs the model's RoPE frequencies: pass the model, "
                                  "EvictingCache(model, ...)")
             hf.register()
-            super().__init__(layer_class_to_replicate=functools.partial(_make_layer, config))
+            super().__init__(layer_class_to_replicate=functools.partial(_make_layer, config,
+                                                                        padding=self._step_padding))
 
     @property
     def evicting_layers(self) -> list[EvictingLayer]:
@@ -578,6 +759,66 @@ class EvictingCache(Cache):
         for layer in self.evicting_layers:
             layer.config = keep_all
             layer.kept_spans = None
+
+    # ------------------------------------------------------------------------------------ masks and padding
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """transformers' mask sizes for layer ``layer_idx``; transformers calls this right before the mask function,
+        so the cache announces itself to caote's (:func:`caote.hf.expect_mask`), which asks
+        :meth:`slot_padding` for the padding of the cache's slots."""
+        hf.expect_mask(self, layer_idx)
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def slot_padding(self, layer_idx: int, attention_mask: torch.Tensor | None, q_length: int, kv_length: int,
+                     kv_offset: int) -> torch.Tensor | None:
+        """Which of the ``kv_length`` slots layer ``layer_idx`` attends over this step hold a token, ``(B, kv_length)``
+        (``False`` = padding), given the model's 2-D ``attention_mask`` ``(B, seen + Q)`` (by token, 0 = padding) and
+        transformers' mask sizes; ``None`` when no slot is padding. Called by caote's mask function
+        (:func:`caote.hf.caote_mask`) before any layer runs.
+
+        A sliding-window layer keeps its tokens in order: its slots are the tokens from ``kv_offset`` on. An evicting
+        layer's slots hold other tokens after eviction: the stored entries' validity comes from their positions, then
+        the step's tokens'; the step's padding is recorded for the layers' ``update`` (:class:`StepPadding`).
+
+        Refused (``ValueError``, naming why): padding after a row's tokens within one step (right padding: the step's
+        last queries, which TOVA and SnapKV read, would be padding); padding after a row's first token in a model with
+        sliding-window layers (their window counts tokens, padding included); a mask that does not cover every token
+        seen and the step's.
+        """
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded:
+            self._check_padding(attention_mask, q_length)
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, WindowLayer):
+            return attention_mask[:, kv_offset:].bool() if padded else None
+        seen = layer.seen if layer is not None else 0
+        step = None
+        if padded:
+            if attention_mask.shape[-1] != seen + q_length:
+                raise ValueError(f"the 2-D attention mask has {attention_mask.shape[-1]} columns; with padding it must "
+                                 f"cover every token the cache has seen and the step's ({seen} + {q_length})")
+            step = attention_mask[:, seen:].bool()
+        self._step_padding.record(seen, step)
+        stored = layer.slot_validity() if layer is not None else None
+        if step is None and stored is None:
+            return None
+        like = step if step is not None else stored
+        stored = (stored.to(like.device) if stored is not None
+                  else torch.ones(like.shape[0], kv_length - q_length, dtype=torch.bool, device=like.device))
+        step = step if step is not None else torch.ones(like.shape[0], q_length, dtype=torch.bool, device=like.device)
+        return torch.cat([stored, step], dim=-1)
+
+    def _check_padding(self, attention_mask: torch.Tensor, q_length: int) -> None:
+        """Refuse padding the cache cannot make exact (see :meth:`slot_padding`)."""
+        mask = attention_mask.bool()
+        step = mask[:, -q_length:]
+        if bool((step[:, :-1] & ~step[:, 1:]).any()):
+            raise ValueError("padding after a row's tokens within one step (right padding) is not supported by the "
+                             "evicting cache: the step's last queries, which TOVA and SnapKV score with, would be "
+                             "padding. Pad on the left (tokenizer.padding_side = 'left')")
+        if self.window_layers and padding_inside(mask):
+            raise ValueError("padding after a row's first token is not supported with sliding-window layers: their "
+                             "window counts tokens, padding included, so the row would see fewer of its own. Pad on "
+                             "the left, or read the prompts one at a time")
 
     # ------------------------------------------------------------- batch rows (beam search, num_return_sequences)
     # transformers' Cache dispatches these to every layer; the cache's own per-row state (the question-aware
@@ -679,6 +920,11 @@ class EvictingCache(Cache):
     def evicted_tokens(self) -> int:
         """Entries evicted, summed over layers (per KV head); sliding-window layers evict none."""
         return sum(layer.evicted for layer in self.layers)
+
+    def row_evicted_tokens(self, row: int) -> int:
+        """Entries of batch row ``row``'s own tokens evicted, summed over layers (per KV head; padding not counted):
+        what :attr:`evicted_tokens` is for that prompt read alone."""
+        return sum(layer.row_evicted(row) for layer in self.evicting_layers)
 
     def kv_bytes(self) -> int:
         """Bytes of the keys and values stored now, all layers (sliding-window layers included)."""

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from caote import hf
-from caote.cache import EvictingLayer, warn_unbounded_step
+from caote.cache import EvictingLayer, StepPadding, warn_unbounded_step
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
 from caote.scores import attention_mass, output_space_factors
@@ -66,8 +66,8 @@ class HeadAdaptiveLayer(EvictingLayer):
 
     attends_itself = True
 
-    def __init__(self, config: EvictionConfig, facts: ModelFacts | None = None):
-        super().__init__(config, facts)
+    def __init__(self, config: EvictionConfig, facts: ModelFacts | None = None, padding: StepPadding | None = None):
+        super().__init__(config, facts, padding)
         self.heads = 0
         self._lengths: list[list[int]] = []
         self._offsets: list[list[int]] = []
@@ -145,6 +145,10 @@ class HeadAdaptiveLayer(EvictingLayer):
         batch, heads, step = key_states.shape[:3]
         if batch != len(self._lengths):
             raise ValueError(f"batch size changed from {len(self._lengths)} to {batch} within one evicting cache")
+        if self.step_padding.valid_for(self.seen, batch, step) is not None:
+            raise ValueError(f"method {self.config.method!r}: padded batches are not supported with '+adaptive' (each "
+                             "head attends over its own segment, without a mask); read the prompts one at a time or "
+                             "use the method without '+adaptive'")
         room = min(self._offsets[b][h + 1] - self._offsets[b][h] - self._lengths[b][h]
                    for b in range(batch) for h in range(heads))
         if room < step:
@@ -237,7 +241,7 @@ class HeadAdaptiveLayer(EvictingLayer):
                                    else self._segment(self._attention_sum, b, h)[None, None]),
                 )
                 head_scores.append(cfg.spec.score(view)[0, 0])
-                head_protected.append((positions < cfg.sink_tokens) | (positions >= self.seen - cfg.recent_window))
+                head_protected.append(self.protected_positions(positions, self.seen))
             kept.append(allocate_across_heads(head_scores, head_protected, cfg.budget * self.heads, floor))
         evicted = sum(self._lengths[0]) - cfg.budget * self.heads
         self._relayout(kept, cfg.block_size)

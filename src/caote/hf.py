@@ -11,8 +11,11 @@ How the pieces meet (see shared/docs/transformers-notes.md):
 * The mask function is registered under the same name (otherwise prefill would silently run unmasked). It
   is transformers' ``eager_mask``: a float mask valid for both the SDPA path and the float32 path; with
   ``get_mask_sizes() = (stored + new, seen - stored)`` the causal mask lines up with the compacted cache.
-* Padding is refused: the 2-D padding mask is indexed by physical slot, which no longer matches after
-  eviction.
+* Padding (left-padded batches): transformers indexes the 2-D padding mask by cache slot, which no longer matches
+  the tokens after eviction. The cache announces itself in ``get_mask_sizes``, which transformers calls right before
+  the mask function (:func:`expect_mask`); the mask function hands it the 2-D mask, and the cache returns the mask of
+  its own slots (:meth:`caote.cache.EvictingCache.slot_padding`: which stored entries and which of the step's
+  tokens are padding) and records the step's padding for its layers' ``update``.
 * Hybrid models (Gemma 2/3, Qwen2 with ``use_sliding_window``, Mistral/Phi-3 with ``sliding_window``): a layer whose
   type is ``"sliding_attention"`` (:func:`layer_windows`, read with transformers' own
   ``get_layer_types_and_kwargs``, as ``DynamicCache(config=...)`` does) keeps its window in transformers' own
@@ -39,9 +42,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 if TYPE_CHECKING:
-    from caote.cache import EvictingLayer
+    from caote.cache import EvictingCache, EvictingLayer
 
 ATTENTION_NAME = "caote"
+
+MODEL_LOAD_KWARGS = {"use_kernels": False}
+"""Passed to every ``from_pretrained`` of a model: transformers 5.25 turns hub kernels on by default (fetched at load
+time, and an error without the ``kernels`` package); caote runs offline on the model's own layers. 5.24's default."""
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 """transformers' layer types (``config.layer_types``) that caote caches: global layers evict under the budget,
@@ -231,14 +238,26 @@ def segment_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return weights, torch.matmul(weights, values.to(torch.float32))
 
 
+def expect_mask(cache: EvictingCache, layer_idx: int) -> None:
+    """Called by ``EvictingCache.get_mask_sizes``, which transformers 5.24 calls (``_preprocess_mask_arguments``) right
+    before the mask function: the next mask is built for layer ``layer_idx`` of ``cache``."""
+    _pending.mask_owner = (cache, layer_idx)
+
+
 def caote_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    """transformers' ``eager_mask``, refusing padded batches (see module docstring)."""
-    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-        raise ValueError(
-            "padded batches are not supported by caote's evicting cache: the padding mask is indexed by "
-            "cache slot, which no longer matches positions after eviction. Run sequences one at a time or "
-            "batch prompts of equal length without padding."
-        )
+    """transformers' ``eager_mask`` over the cache's own slots (see module docstring).
+
+    For an evicting cache the 2-D padding mask (``(B, seen + Q)``, by token) is replaced by the validity of the cache's
+    slots (:meth:`caote.cache.EvictingCache.slot_padding`), which also records the step's padding for the layers; for
+    any other cache (or none) it is transformers' own."""
+    owner = getattr(_pending, "mask_owner", None)
+    _pending.mask_owner = None
+    if owner is not None:
+        cache, layer_idx = owner
+        kv_offset = kwargs.get("kv_offset", 0)
+        slots = cache.slot_padding(layer_idx, attention_mask, kwargs["q_length"], kwargs["kv_length"], kv_offset)
+        # transformers' eager_mask reads a 2-D mask at column kv_offset + slot
+        attention_mask = None if slots is None else torch.cat([slots.new_ones(slots.shape[0], kv_offset), slots], -1)
     return eager_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
@@ -372,12 +391,16 @@ def model_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def forward(model, input_ids: torch.Tensor, cache, logits_to_keep: int = 0, position_ids: torch.Tensor | None = None):
+def forward(model, input_ids: torch.Tensor, cache, logits_to_keep: int = 0, position_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None):
     """One forward step through ``cache`` (transformers 5.24 names it ``cache``; earlier 5.x ``past_key_values``).
 
     Positions are left to the model, which derives them from ``cache.get_seq_length()`` (tokens seen), unless
-    ``position_ids`` ``(B, Q)`` places the step elsewhere (the question probe; the causal mask still follows the
-    cache's ``get_mask_sizes``).
+    ``position_ids`` ``(B, Q)`` places the step elsewhere (the question probe, padded rows; the causal mask still
+    follows the cache's ``get_mask_sizes``). ``attention_mask`` ``(B, seen + Q)``: 0 marks padding (transformers'
+    2-D mask, every token seen so far and the step's).
     """
     extra = {} if position_ids is None else {"position_ids": position_ids}
+    if attention_mask is not None:
+        extra["attention_mask"] = attention_mask
     return model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **extra)

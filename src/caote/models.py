@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from caote import hf
 from caote.texts import package_dir
 from caote.validation import check_device, check_dtype, check_model, model_unavailable_message, one_line
 
@@ -105,7 +106,8 @@ def offline_model_path(name: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
             gguf = model.gguf(Path(scratch))
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            converted = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            converted = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                             **hf.MODEL_LOAD_KWARGS)
         # transformers refuses to save a GGUF-loaded model until its quantization markers are cleared; the
         # weights are already de-quantised floats.
         converted.hf_quantizer = None
@@ -184,7 +186,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     dtype = check_dtype(dtype)
     device = check_device(device)
     path = resolve_model_path(name_or_path)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **hf.MODEL_LOAD_KWARGS)
     model.to(device)
     model.eval()
     return model, load_tokenizer(path)

@@ -28,6 +28,7 @@ class EvictionConfig:
         joint_round: entries added per greedy round of ``+joint`` (1 = plain greedy; larger = fewer passes).
         head_floor: with ``+adaptive``, the fraction of ``budget`` every KV head keeps whatever its scores (AdaKV's
             safeguard ``alpha``, default 0.2); the rest of the layer's ``budget × H_kv`` goes to the best scores.
+        chunk_size: with ``+chunks``, positions per chunk (evicted whole; 16 = vLLM's default block size).
     """
 
     budget: int | None
@@ -40,6 +41,7 @@ class EvictionConfig:
     expected_future: int = 512
     joint_round: int = 8
     head_floor: float = 0.2
+    chunk_size: int = 16
     spec: MethodSpec = field(init=False, repr=False, compare=False)
     base: str = field(init=False)
     correction: str | None = field(init=False)
@@ -60,7 +62,7 @@ class EvictionConfig:
             raise ValueError(f"snapkv_window must be a positive integer, got {self.snapkv_window!r}")
         if not _is_positive_int(self.snapkv_kernel) or self.snapkv_kernel % 2 == 0:
             raise ValueError(f"snapkv_kernel must be a positive odd integer, got {self.snapkv_kernel!r}")
-        for name in ("expected_future", "joint_round"):
+        for name in ("expected_future", "joint_round", "chunk_size"):
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if isinstance(self.head_floor, bool) or not isinstance(self.head_floor, (int, float)) or not (
@@ -77,6 +79,14 @@ class EvictionConfig:
                 f"budget={self.budget} is smaller than the protected tokens: sink_tokens={sinks} + "
                 f"recent_window={recent} = {sinks + recent}; raise the budget or protect fewer tokens"
             )
+        if spec.chunked:
+            chunk = self.chunk_size
+            need = chunk * (-(-sinks // chunk) + -(-recent // chunk) + 2)
+            if self.budget < need:
+                raise ValueError(
+                    f"budget={self.budget} is too small for '+chunks' of {chunk}: the protected tokens (sink_tokens="
+                    f"{sinks}, recent_window={recent}) cover whole chunks, plus the incomplete newest chunk and one to "
+                    f"evict need {need}; raise the budget or lower chunk_size")
         if spec.reads.accumulates and recent == 0:
             raise ValueError(
                 f"method {spec.name!r} with recent_window=0 evicts each new token in the step that writes it (its "

@@ -319,3 +319,42 @@ def greedy_joint_eviction(
         u_dot_v = u_dot_v + a_picked @ (v_picked @ values.transpose(-1, -2))
         left -= take
     return torch.cat(chosen, dim=-1)
+
+
+def chunk_eviction(
+    entry_scores: torch.Tensor, positions: torch.Tensor, protected: torch.Tensor | None, n_evict: int, chunk: int,
+    seen: int,
+) -> torch.Tensor:
+    """Evict whole chunks of ``chunk`` consecutive positions (``position // chunk``; ChunkKV, Liu et al. 2025, and
+    the block granularity of paged serving caches): the ``ceil(n_evict / chunk)`` chunks with the lowest summed
+    score, per batch row and KV head. A chunk holding a protected entry, or the newest chunk while it is incomplete,
+    is never evicted.
+
+    ``entry_scores`` / ``positions`` / ``protected`` ``(B, H, N)`` (positions increasing). Evicting only whole chunks
+    keeps every stored chunk complete but the newest, so every head evicts the same number of entries. Returns the
+    evicted entries' indices ``(B, H, k·chunk)``, increasing. DEVIATION from an exact set error: a chunk's score is
+    the sum of its entries' scores (for CAOTE errors, an upper bound of the chunk's joint error without the
+    renormalisation by ``1 − Σ a``).
+    """
+    batch, heads, n = entry_scores.shape
+    ids = positions // chunk
+    local = torch.zeros_like(ids)
+    local[..., 1:] = (ids[..., 1:] != ids[..., :-1]).long().cumsum(-1)  # 0..C-1 per head, chunks contiguous
+    n_chunks = int(local[..., -1].max()) + 1
+    chunk_scores = torch.zeros(batch, heads, n_chunks, dtype=entry_scores.dtype, device=entry_scores.device)
+    chunk_scores.scatter_add_(-1, local, entry_scores.masked_fill(torch.isinf(entry_scores), 1e30))
+    blocked = torch.zeros(batch, heads, n_chunks, dtype=torch.bool, device=entry_scores.device)
+    if protected is not None:
+        blocked.scatter_reduce_(-1, local, protected, reduce="amax")
+    if seen % chunk:
+        blocked |= (ids[..., -1:] == (seen - 1) // chunk) & (torch.arange(n_chunks, device=ids.device) == n_chunks - 1)
+    k = -(-n_evict // chunk)
+    if int((~blocked).sum(-1).min()) < k:
+        raise ValueError(f"cannot evict {k} chunks of {chunk}: the protected entries cover too many chunks; raise the "
+                         "budget or protect fewer tokens")
+    chosen = chunk_scores.masked_fill(blocked, float("inf")).topk(k, dim=-1, largest=False).indices
+    evicted = torch.zeros_like(blocked).scatter_(-1, chosen, True).gather(-1, local)
+    counts = evicted.sum(-1)
+    if not bool((counts == counts.flatten()[0]).all()):
+        raise RuntimeError("chunk eviction: heads would evict different numbers of entries (an incomplete chunk)")
+    return evicted.nonzero()[:, -1].view(batch, heads, -1)

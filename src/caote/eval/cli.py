@@ -47,8 +47,15 @@ def _common(p: argparse.ArgumentParser, lengths: str | None, budgets: str) -> No
     p.add_argument("--dtype", default="float32", type=dtype_arg, help=f"{DTYPE_HELP} (default float32)")
     add_device_argument(p)
     p.add_argument("--threads", type=positive_int_arg("--threads", 4), default=None,
-                   help="torch threads (default: torch's choice)")
+                   help="torch threads (default: torch's choice; with --ray: per worker, default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="compute the cells on a Ray cluster, one model per worker (needs pip install 'caote[ray]'): "
+                        "without ADDRESS a local cluster (ray.init()), else the cluster at ADDRESS (auto, HOST:PORT, "
+                        "ray://HOST:PORT); records are written here, in the grid's order, as by a local run")
+    p.add_argument("--ray-workers", type=positive_int_arg("--ray-workers", 4), default=None, metavar="N",
+                   help="Ray workers (actors), each holding the model (default: the cluster's CPUs // --threads; "
+                        "with --device cuda at most its GPUs, one each)")
     p.add_argument("--option", action="append", default=[], type=arg_type(check_option), metavar="NAME=VALUE",
                    help="an eviction option for every cache, repeatable (e.g. --option head_floor=0.5, --option "
                         "sink_tokens=4); part of every cell's key")
@@ -194,8 +201,13 @@ def run_eval_command(args) -> int:
     import torch
 
     from caote.eval import runner
-    from caote.models import load_model
 
+    if args.ray_workers is not None and args.ray is None:
+        raise ValueError("--ray-workers needs --ray")
+    if args.ray is not None:
+        from caote.eval.distributed import import_ray
+
+        import_ray()  # the install command, before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = runner.parse_methods(args.methods)
@@ -209,7 +221,6 @@ def run_eval_command(args) -> int:
 
         check_squad_file(args.squad_file)  # one-line error naming the fetch script
     own_data = _own_data(args, lengths)  # your own file, read and checked before the model loads
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     protocol = getattr(args, "protocol", None) or ("question-aware" if getattr(args, "question_aware", False)
                                                    else "bounded")
     common = {"methods": methods, "budgets": budgets, "lengths": lengths, "block_size": args.block_size,
@@ -233,9 +244,15 @@ def run_eval_command(args) -> int:
                       "max_new_tokens": args.max_new_tokens, "window": args.window,
                       "chat": False if args.no_chat else None}
     settings = {k: v for k, v in vars(args).items() if k not in ("eval_handler",)}
-    settings["model_label"] = runner.model_name(model)
-    summary = runner.run_eval(args.eval_name, model, tokenizer, out=args.out, settings=settings,
-                              **common, **kwargs, **own_data)
+    if args.ray is None:
+        from caote.models import load_model
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        settings["model_label"] = runner.model_name(model)
+        summary = runner.run_eval(args.eval_name, model, tokenizer, out=args.out, settings=settings,
+                                  **common, **kwargs, **own_data)
+    else:
+        summary = _run_on_ray(args, settings, {**common, **kwargs, **own_data})
     from caote.eval.report import summary_lines
 
     table = summary_lines(args.eval_name, summary["records"])
@@ -244,6 +261,24 @@ def run_eval_command(args) -> int:
     print(f"{args.eval_name}: {summary['computed']} cell(s) computed, {summary['skipped']} already done "
           f"-> {summary['path']}")
     return 0
+
+
+def _run_on_ray(args, settings: dict, run_kwargs: dict) -> dict:
+    """``run_eval`` with the cells computed by Ray workers (:mod:`caote.eval.distributed`): the driver loads the
+    tokenizer alone and keys the cells with the model the workers report."""
+    from caote.eval import distributed, runner
+    from caote.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    config = distributed.worker_config(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    with distributed.RayExecutor(config, address=args.ray or None, workers=args.ray_workers) as executor:
+        settings["model_label"] = executor.model_info.name
+        settings["ray"] = distributed.ray_settings(executor, args.ray)
+        summary = runner.run_eval(args.eval_name, executor.model_info, tokenizer, out=args.out, settings=settings,
+                                  executor=executor, **run_kwargs)
+    if executor.reruns:
+        print(f"{args.eval_name}: {len(executor.reruns)} cell(s) rerun after their worker died")
+    return summary
 
 
 def run_report_command(args) -> int:
@@ -266,6 +301,13 @@ def handle(args) -> int:
     except (ValueError, KeyError, FileNotFoundError) as error:
         print(f"caote: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from caote.eval.distributed import RayRunError  # imports no Ray
+
+        if not isinstance(error, RayRunError):
+            raise
+        print(f"caote: error: {one_line(error)}", file=sys.stderr)
+        return 1
     raise ValueError(f"not an eval command: {args.command!r}")
 
 

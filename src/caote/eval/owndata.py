@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -163,7 +165,34 @@ def score_qa(generation: str, answers: Sequence[str]) -> dict:
     return {"prediction": prediction, "score": f1, "em": em, "match": match}
 
 
-def qa_cells(ctx, model, tokenizer, pairs, qa: QAFile, lengths: Sequence[int], samples: int,
+@dataclass(frozen=True)
+class QACell:
+    """A cell of your JSON-lines task (a :class:`caote.eval.runner.CellSpec`): the greedy answer to ``record`` (its
+    ``prompt`` already built), scored with :func:`score_qa`; ``data_file`` is the path given."""
+
+    record: QARecord
+    prompt: Any  # caote.eval.squad.SquadPrompt
+    data_file: str
+    generation: Any  # caote.eval.runner.Generation
+
+    def compute(self, model, tokenizer) -> dict:
+        from caote.eval import runner
+
+        prompt, record = self.prompt, self.record
+        aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
+                 if self.generation.question_aware else None)
+        gen = self.generation.answer(model, tokenizer, torch.tensor([prompt.ids]), aware)
+        generation = gen.pop("prediction")
+        return {"suite": "jsonl", "metric": QA_METRIC, "data_file": self.data_file,
+                "line": record.line, "schema": record.schema, "question": record.question,
+                "references": list(record.answers), **score_qa(generation, record.answers),
+                "generation": generation, "truncated": prompt.truncated,
+                "document_tokens": prompt.document_tokens,
+                "kept_document_tokens": prompt.kept_document_tokens,
+                **({"question_tokens": aware} if aware else {}), **gen}
+
+
+def qa_cells(ctx, tokenizer, pairs, qa: QAFile, lengths: Sequence[int], samples: int,
              max_new_cap: int | None, store) -> list:
     """The cells of a JSON-lines task (see the module docstring) for :func:`caote.eval.runner.run_tasks`, keyed
     with the file (``ctx`` with its ``data``)."""
@@ -177,33 +206,20 @@ def qa_cells(ctx, model, tokenizer, pairs, qa: QAFile, lengths: Sequence[int], s
         for record in qa.records[:samples]:
             keys = [(ctx.key("tasks", m, b, length, record.line, task=task), m, b) for m, b in pairs]
             if all(store.done(k) for k, *_ in keys):
-                cells.extend((k, None) for k, *_ in keys)  # all done: do not even build the prompt
+                cells.extend(runner.Cell(k) for k, *_ in keys)  # all done: do not even build the prompt
                 continue
             prompt = qa_prompt(tokenizer, record, length, ctx.settings.chat, f"{qa.data.path} ")
             gen_len = qa_generation_length(record, max_new_cap)
             for key, method, budget in keys:
-
-                def compute(prompt=prompt, record=record, method=method, budget=budget, gen_len=gen_len):
-                    aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
-                             if ctx.question_aware else None)
-                    gen = runner._generate(model, tokenizer, torch.tensor([prompt.ids]), method, budget,
-                                           ctx.block_size, gen_len, ctx.options, aware)
-                    generation = gen.pop("prediction")
-                    return {"suite": "jsonl", "metric": QA_METRIC, "data_file": str(qa.data.path),
-                            "line": record.line, "schema": record.schema, "question": record.question,
-                            "references": list(record.answers), **score_qa(generation, record.answers),
-                            "generation": generation, "truncated": prompt.truncated,
-                            "document_tokens": prompt.document_tokens,
-                            "kept_document_tokens": prompt.kept_document_tokens,
-                            **({"question_tokens": aware} if aware else {}), **gen}
-
-                cells.append((key, compute))
+                cells.append(runner.Cell(key, QACell(record, prompt, str(qa.data.path),
+                                                     runner._generation(ctx, method, budget, gen_len))))
     return cells
 
 
 __all__ = [
     "DEFAULT_QA_NEW_TOKENS",
     "QA_METRIC",
+    "QACell",
     "check_haystack",
     "check_ppl_text",
     "qa_cells",

@@ -7,6 +7,11 @@ stopped. Each invocation also appends one line to ``<out>/runs.jsonl``: its id, 
 (``sys.argv``), the arguments, the seed and the versions of python, torch, transformers and caote;
 every record carries the ``run_id`` of the run that produced it.
 
+Cells are data (:class:`Cell`: its key and a picklable :class:`CellSpec` such as :class:`PplCell`, whose
+``compute(model, tokenizer)`` runs it): a :class:`LocalExecutor` computes them one after the other here, a
+:class:`caote.eval.distributed.RayExecutor` on the workers of a Ray cluster, each with its own model; either way
+the records are appended in the grid's order.
+
 A cell's key (:data:`KEY_FIELDS`) is its grid position (eval, method, budget, length, task, sample) plus every
 setting that changes its result (:data:`SETTING_FIELDS`, a :class:`RunSettings`): the model's name and a
 fingerprint of its files (:func:`model_fingerprint`), dtype, device, block size, the eviction options, the
@@ -48,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -131,12 +137,17 @@ def method_budgets(methods: Sequence[str], budgets: Sequence[int]) -> list[tuple
 
 
 def model_name(model) -> str:
+    """The model's label in records: the last part of its ``_name_or_path`` (or its class name)."""
+    if isinstance(model, ModelInfo):
+        return model.name
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return os.path.basename(str(name).rstrip("/")) or str(name)
 
 
 def model_window(model, default: int = DEFAULT_MODEL_WINDOW) -> int:
     """Context window of ``model`` (``max_position_embeddings``), or ``default``."""
+    if isinstance(model, ModelInfo):
+        return model.window
     return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or default)
 
 
@@ -221,6 +232,8 @@ def params_fingerprint(model) -> str:
 def model_fingerprint(model) -> str:
     """Fingerprint of the model's weights: of its files (:func:`files_fingerprint`) when it was loaded from a
     folder, else of its tensors in memory (:func:`params_fingerprint`)."""
+    if isinstance(model, ModelInfo):
+        return model.fingerprint
     folder = model_folder(model)
     found = files_fingerprint(folder) if folder is not None else None
     return found or params_fingerprint(model)
@@ -228,14 +241,40 @@ def model_fingerprint(model) -> str:
 
 def model_dtype(model) -> str:
     """``"float32"``, ``"bfloat16"``, ...: the dtype of the model's parameters."""
+    if isinstance(model, ModelInfo):
+        return model.dtype
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     return str(dtype).removeprefix("torch.")
 
 
 def model_device(model) -> str:
     """Device type the model runs on (``"cpu"``, ``"cuda"``, ``"mps"``)."""
+    if isinstance(model, ModelInfo):
+        return model.device
     device = getattr(model, "device", None) or next(model.parameters()).device
     return torch.device(device).type
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What keys a run's cells about its model, read from a loaded model (:meth:`of`).
+
+    Every ``run_*`` function takes one in place of the model when the cells are computed elsewhere: the driver of a
+    Ray run (:mod:`caote.eval.distributed`) holds no weights, and gets this from a worker that loaded them. The
+    model helpers here (:func:`model_name`, :func:`model_fingerprint`, :func:`model_dtype`, :func:`model_device`,
+    :func:`model_window`) read it as they read a model, so both paths key cells alike."""
+
+    name: str
+    fingerprint: str
+    dtype: str
+    device: str
+    window: int
+
+    @classmethod
+    def of(cls, model) -> ModelInfo:
+        """The description of a loaded ``model``."""
+        return cls(name=model_name(model), fingerprint=model_fingerprint(model), dtype=model_dtype(model),
+                   device=model_device(model), window=model_window(model))
 
 
 def _caote_version() -> str:
@@ -553,27 +592,86 @@ def _check_options(ctx: RunContext, pairs: Sequence[tuple[str, int | None]]) -> 
         EvictionConfig(budget=budget, method=method, block_size=ctx.block_size, **ctx.options)
 
 
-def _run_cells(ctx: RunContext, eval_name: str, cells: list[tuple[dict, Callable[[], dict]]], desc: str) -> dict:
-    """Compute the cells not yet in the store, appending each record as it finishes.
+class CellSpec(Protocol):
+    """What a cell computes, as data: a picklable object (the ``*Cell`` dataclasses of this module,
+    :class:`caote.eval.squad.SquadCell`, :class:`caote.eval.owndata.QACell`) whose :meth:`compute` runs it with the
+    model and tokenizer it is given. The local loop passes the run's own; a Ray worker passes those it loaded
+    (:mod:`caote.eval.distributed`), so both paths run the same cell definitions."""
+
+    def compute(self, model, tokenizer) -> dict:
+        """The cell's result fields (without its key, time and run id)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a grid: its key (:meth:`RunContext.key`) and what computes it (``None`` when the cell is known to
+    be done already, so that its inputs were never built)."""
+
+    key: dict
+    spec: CellSpec | None = None
+
+
+RecordSink = Callable[[Cell, dict, float], None]
+"""Receives a finished cell, its result fields and the seconds it took (:func:`_run_cells` appends the record)."""
+
+
+class CellExecutor(Protocol):
+    """Computes cells and hands each result to ``write`` in the cells' order (the grid's order)."""
+
+    def run(self, cells: Sequence[Cell], write: RecordSink, *, desc: str, progress: bool) -> None:
+        ...
+
+
+def cell_label(key: Mapping) -> str:
+    """A cell's short label for progress bars: ``method b=budget L=length [task]sample``."""
+    return f"{key['method']} b={key['budget']} L={key['length']} {key['task'] or ''}{key['sample']}"
+
+
+@dataclass
+class LocalExecutor:
+    """Computes cells one after the other in this process, with the run's model and tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+    def run(self, cells: Sequence[Cell], write: RecordSink, *, desc: str, progress: bool) -> None:
+        bar = tqdm(cells, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
+        for cell in bar:
+            bar.set_postfix_str(cell_label(cell.key))
+            start = time.perf_counter()
+            result = cell.spec.compute(self.model, self.tokenizer)
+            write(cell, result, time.perf_counter() - start)
+
+
+def _run_cells(ctx: RunContext, eval_name: str, cells: Sequence[Cell], desc: str,
+               executor: CellExecutor) -> dict:
+    """Compute the cells not yet in the store with ``executor``, appending each record as it is handed back (in the
+    grid's order, whichever executor computes them).
 
     Returns counts, the results path, the run's ``settings`` and ``records``: the stored record of every
     cell of this grid (computed now or before), for a summary table.
     """
     store = ctx.store(eval_name)
-    todo = [(key, fn) for key, fn in cells if not store.done(key)]
+    todo = [cell for cell in cells if not store.done(cell.key)]
     computed = 0
-    bar = tqdm(todo, desc=desc, unit="cell", disable=not ctx.progress, dynamic_ncols=True)
-    for key, fn in bar:
-        bar.set_postfix_str(f"{key['method']} b={key['budget']} L={key['length']} {key['task'] or ''}{key['sample']}")
-        start = time.perf_counter()
-        result = fn()
-        record = {**key, **result, "seconds": round(time.perf_counter() - start, 3), "run_id": ctx.run_id}
-        store.append(record)
+
+    def write(cell: Cell, result: dict, seconds: float) -> None:
+        nonlocal computed
+        store.append({**cell.key, **result, "seconds": round(seconds, 3), "run_id": ctx.run_id})
         computed += 1
-    wanted = {cell_key(key) for key, _ in cells}
+
+    if todo:
+        executor.run(todo, write, desc=desc, progress=ctx.progress)
+    wanted = {cell_key(cell.key) for cell in cells}
     latest = {cell_key(r): r for r in store.records if cell_key(r) in wanted}
     return {"cells": len(cells), "skipped": len(cells) - len(todo), "computed": computed, "path": str(store.path),
             "eval": eval_name, "settings": ctx.settings.key(), "records": list(latest.values())}
+
+
+def _executor(model, tokenizer, executor: CellExecutor | None) -> CellExecutor:
+    """``executor``, or the local loop over ``model`` and ``tokenizer``."""
+    return executor if executor is not None else LocalExecutor(model, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,6 +750,33 @@ def continuation_nll(
         logits = torch.cat([last, logits[:, :-1]], dim=1)[0].float()
         nll = torch.nn.functional.cross_entropy(logits, continuation_ids[0], reduction="sum").double().cpu()
     return float(nll), continuation_ids.shape[1]
+
+
+@dataclass(frozen=True)
+class PplCell:
+    """A perplexity cell: the window's token ids (``length`` tokens, plus the continuation for the ``continuation``
+    and ``compress-once`` protocols) scored through a cache of ``method`` at ``budget``."""
+
+    ids: tuple[int, ...]
+    method: str
+    budget: int | None
+    length: int
+    block_size: int
+    options: Mapping = field(default_factory=dict)
+    protocol: str = DEFAULT_PROTOCOL
+    source: Mapping = field(default_factory=dict)
+    """Fields added to the record (``data_file`` for your own text)."""
+
+    def compute(self, model, tokenizer=None) -> dict:
+        ids = list(self.ids)
+        if self.protocol == "bounded":
+            nll, n = evicted_nll(model, torch.tensor([ids]), self.method, self.budget, self.block_size,
+                                 **self.options)
+        else:
+            nll, n = continuation_nll(model, torch.tensor([ids[: self.length]]), torch.tensor([ids[self.length:]]),
+                                      self.method, self.budget, self.block_size,
+                                      compress_once=self.protocol == "compress-once", **self.options)
+        return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), **self.source}
 
 
 def _text_source(slug: str) -> str:
@@ -734,6 +859,7 @@ def run_ppl(
     options: Mapping | None = None,
     protocol: str = DEFAULT_PROTOCOL,
     model_fingerprint: str | None = None,
+    executor: CellExecutor | None = None,
 ) -> dict:
     """Perplexity of every method x budget x length x book window; records go to ``<out>/ppl.jsonl``.
 
@@ -746,6 +872,9 @@ def run_ppl(
     they, ``protocol`` and the model's fingerprint (default: :func:`model_fingerprint`) are keyed.
     ``protocol`` ``continuation``/``compress-once`` reads windows of ``length +`` :data:`CONTINUATION_TOKENS`
     tokens and scores the continuation only (:func:`continuation_nll`); ``books`` may name ``essays``.
+    ``executor`` computes the cells (default: one after the other here, :class:`LocalExecutor`; a Ray cluster:
+    :class:`caote.eval.distributed.RayExecutor`, with ``model`` a :class:`ModelInfo`); the same for every
+    ``run_*``.
     """
     from caote.eval import owndata
 
@@ -779,19 +908,10 @@ def run_ppl(
         for method, budget in method_budgets(methods, budgets):
             for sample_id, ids in wins:
                 key = ctx.key("ppl", method, budget, length, sample_id)
-
-                def compute(ids=ids, method=method, budget=budget, length=length):
-                    if protocol == "bounded":
-                        nll, n = evicted_nll(model, torch.tensor([ids]), method, budget, ctx.block_size,
-                                             **ctx.options)
-                    else:
-                        nll, n = continuation_nll(model, torch.tensor([ids[:length]]), torch.tensor([ids[length:]]),
-                                                  method, budget, ctx.block_size,
-                                                  compress_once=protocol == "compress-once", **ctx.options)
-                    return {"nll": nll, "tokens": n, "ppl": math.exp(nll / n), **source}
-
-                cells.append((key, compute))
-    return _run_cells(ctx, "ppl", cells, "ppl")
+                cells.append(Cell(key, PplCell(ids=tuple(ids), method=method, budget=budget, length=length,
+                                               block_size=ctx.block_size, options=ctx.options, protocol=protocol,
+                                               source=source)))
+    return _run_cells(ctx, "ppl", cells, "ppl", _executor(model, tokenizer, executor))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,8 +945,58 @@ def _generate(model, tokenizer, ids: torch.Tensor, method, budget, block_size, m
     }
 
 
+@dataclass(frozen=True)
+class Generation:
+    """How a generation cell answers: greedy decoding of ``max_new_tokens`` tokens under a cache of ``method`` at
+    ``budget``, the prompt read in blocks of ``block_size``, with the eviction ``options``; ``question_aware``: the
+    prompt's tail from the question on steers eviction during prefill (the ``question-aware`` protocol)."""
+
+    method: str
+    budget: int | None
+    block_size: int
+    max_new_tokens: int
+    options: Mapping = field(default_factory=dict)
+    question_aware: bool = False
+
+    def answer(self, model, tokenizer, ids: torch.Tensor, question_len: int | None = None) -> dict:
+        """The answer to ``ids`` ``(1, L)`` and its costs (:func:`_generate`)."""
+        return _generate(model, tokenizer, ids, self.method, self.budget, self.block_size, self.max_new_tokens,
+                         self.options, question_len)
+
+
+def _generation(ctx: RunContext, method: str, budget: int | None, max_new_tokens: int) -> Generation:
+    """A cell's :class:`Generation` under the run's block size, options and protocol."""
+    return Generation(method=method, budget=budget, block_size=ctx.block_size, max_new_tokens=max_new_tokens,
+                      options=ctx.options, question_aware=ctx.question_aware)
+
+
 # ----------------------------------------------------------------------------------------------
 # needle in a haystack
+
+
+@dataclass(frozen=True)
+class NeedleCell:
+    """A needle cell: the greedy answer to ``sample``'s question, scored 1 when the needle's value is in it."""
+
+    sample: Any  # caote.eval.needle.NeedleSample
+    generation: Generation
+    source: Mapping = field(default_factory=dict)
+
+    def compute(self, model, tokenizer) -> dict:
+        from caote.eval.needle import needle_recovered
+
+        sample = self.sample
+        aware = (question_tokens(tokenizer, sample.prompt, sample.prompt.rindex(sample.question))
+                 if self.generation.question_aware else None)
+        gen = self.generation.answer(model, tokenizer, _encode(tokenizer, sample.prompt), aware)
+        return {
+            "depth": sample.depth,
+            "actual_depth": round(sample.actual_depth, 4),
+            "expected": sample.answer,
+            "score": float(needle_recovered(gen["prediction"], sample.answer)),
+            **gen,
+            **self.source,
+        }
 
 
 def run_niah(
@@ -849,6 +1019,7 @@ def run_niah(
     protocol: str = DEFAULT_PROTOCOL,
     model_fingerprint: str | None = None,
     haystack_file: str | os.PathLike | DataFile | None = None,
+    executor: CellExecutor | None = None,
 ) -> dict:
     """Needle recall of every method x budget over lengths x depths; records go to ``<out>/niah.jsonl``.
 
@@ -860,7 +1031,7 @@ def run_niah(
     before any cell runs (it is never repeated).
     """
     from caote.eval import owndata
-    from caote.eval.needle import depth_grid, make_needle_samples, needle_recovered
+    from caote.eval.needle import depth_grid, make_needle_samples
 
     _check_protocol(protocol, GENERATION_PROTOCOLS, "niah")
     data = None
@@ -881,7 +1052,7 @@ def run_niah(
         length = int(length)
         keys = [(ctx.key("niah", m, b, length, d), m, b, d) for m, b in pairs for d in depth_list]
         if all(store.done(k) for k, *_ in keys):
-            cells.extend((k, None) for k, *_ in keys)  # all done: do not even build the samples
+            cells.extend(Cell(k) for k, *_ in keys)  # all done: do not even build the samples
             continue
         # a per-length seed: a cell's needle does not depend on which other lengths are asked for
         samples = {
@@ -890,24 +1061,9 @@ def run_niah(
                                          chat=ctx.settings.chat, haystack=data.text if data else None)
         }
         for key, method, budget, depth in keys:
-            sample = samples[(length, depth)]
-
-            def compute(sample=sample, method=method, budget=budget):
-                aware = (question_tokens(tokenizer, sample.prompt, sample.prompt.rindex(sample.question))
-                         if ctx.question_aware else None)
-                gen = _generate(model, tokenizer, _encode(tokenizer, sample.prompt), method, budget,
-                                ctx.block_size, max_new_tokens, ctx.options, aware)
-                return {
-                    "depth": sample.depth,
-                    "actual_depth": round(sample.actual_depth, 4),
-                    "expected": sample.answer,
-                    "score": float(needle_recovered(gen["prediction"], sample.answer)),
-                    **gen,
-                    **source,
-                }
-
-            cells.append((key, compute))
-    return _run_cells(ctx, "niah", cells, "niah")
+            cells.append(Cell(key, NeedleCell(samples[(length, depth)],
+                                              _generation(ctx, method, budget, max_new_tokens), source)))
+    return _run_cells(ctx, "niah", cells, "niah", _executor(model, tokenizer, executor))
 
 
 def _length_seed(seed: int, length: int) -> int:
@@ -954,6 +1110,7 @@ def run_tasks(
     protocol: str = DEFAULT_PROTOCOL,
     model_fingerprint: str | None = None,
     jsonl: str | os.PathLike | QAFile | None = None,
+    executor: CellExecutor | None = None,
 ) -> dict:
     """RULER tasks at every length, plus LongBench from ``longbench_dir`` and your question-answering records from
     ``jsonl``; records go to ``<out>/tasks.jsonl``.
@@ -989,35 +1146,68 @@ def run_tasks(
             length = int(length)
             keys = [(ctx.key("tasks", m, b, length, i, task=task), m, b, i) for m, b in pairs for i in range(samples)]
             if all(store.done(k) for k, *_ in keys):
-                cells.extend((k, None) for k, *_ in keys)
+                cells.extend(Cell(k) for k, *_ in keys)
                 continue
             built = ruler.make_ruler_samples(task, tokenizer, length, n=samples, seed=seed, chat=ctx.settings.chat)
             for key, method, budget, index in keys:
                 sample = built[index]
                 gen_len = sample.tokens_to_generate if max_new_tokens is None else min(max_new_tokens,
                                                                                        sample.tokens_to_generate)
-
-                def compute(sample=sample, method=method, budget=budget, gen_len=gen_len):
-                    # question window: everything after the haystack (question, template tail, answer prefix)
-                    end = sample.prompt.rindex(sample.context) + len(sample.context) if ctx.question_aware else 0
-                    aware = question_tokens(tokenizer, sample.prompt, end) if ctx.question_aware else None
-                    gen = _generate(model, tokenizer, _encode(tokenizer, sample.prompt), method, budget,
-                                    ctx.block_size, gen_len, ctx.options, aware)
-                    return {"suite": "ruler", "metric": sample.metric, "references": sample.outputs,
-                            "score": ruler.score_sample(sample, gen["prediction"]), **gen}
-
-                cells.append((key, compute))
+                cells.append(Cell(key, RulerCell(sample, _generation(ctx, method, budget, gen_len))))
     if longbench_dir is not None:
-        cells.extend(_longbench_cells(ctx, model, tokenizer, pairs, longbench_dir, longbench_tasks, samples,
+        cells.extend(_longbench_cells(ctx, tokenizer, pairs, longbench_dir, longbench_tasks, samples,
                                       max_new_tokens, window or model_window(model), store))
     if qa is not None:
-        cells.extend(owndata.qa_cells(ctx, model, tokenizer, pairs, qa, lengths, samples, max_new_tokens, store))
-    return _run_cells(ctx, "tasks", cells, "tasks")
+        cells.extend(owndata.qa_cells(ctx, tokenizer, pairs, qa, lengths, samples, max_new_tokens, store))
+    return _run_cells(ctx, "tasks", cells, "tasks", _executor(model, tokenizer, executor))
 
 
-def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max_new_cap, window, store):
+@dataclass(frozen=True)
+class RulerCell:
+    """A RULER cell: the greedy answer to ``sample`` (a :class:`caote.eval.ruler.RulerSample`), scored with the
+    task's metric."""
+
+    sample: Any
+    generation: Generation
+
+    def compute(self, model, tokenizer) -> dict:
+        from caote.eval import ruler
+
+        sample = self.sample
+        aware = None
+        if self.generation.question_aware:
+            # question window: everything after the haystack (question, template tail, answer prefix)
+            end = sample.prompt.rindex(sample.context) + len(sample.context)
+            aware = question_tokens(tokenizer, sample.prompt, end)
+        gen = self.generation.answer(model, tokenizer, _encode(tokenizer, sample.prompt), aware)
+        return {"suite": "ruler", "metric": sample.metric, "references": sample.outputs,
+                "score": ruler.score_sample(sample, gen["prediction"]), **gen}
+
+
+@dataclass(frozen=True)
+class LongBenchCell:
+    """A LongBench cell: the greedy answer to a prompt already built (``ids``), scored with the dataset's metric
+    (``base``, its LongBench name without ``_e``) against ``answers`` (``all_classes``: the classification
+    datasets' labels)."""
+
+    ids: tuple[int, ...]
+    base: str
+    answers: Any
+    all_classes: Any
+    generation: Generation
+
+    def compute(self, model, tokenizer) -> dict:
+        from caote.eval.metrics import scorer
+
+        gen = self.generation.answer(model, tokenizer, torch.tensor([list(self.ids)]))
+        if self.base == "samsum":  # LongBench stops samsum at the first newline
+            gen["prediction"] = gen["prediction"].lstrip("\n").split("\n")[0]
+        score = scorer(self.base, [gen["prediction"]], [self.answers], self.all_classes) / 100
+        return {"suite": "longbench", "metric": self.base, "references": self.answers, "score": score, **gen}
+
+
+def _longbench_cells(ctx, tokenizer, pairs, data_dir, names, samples, max_new_cap, window, store) -> list[Cell]:
     from caote.eval import longbench
-    from caote.eval.metrics import scorer
 
     cells = []
     if ctx.question_aware:
@@ -1034,20 +1224,13 @@ def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max
             sample_id = str(record.get("_id") or index)
             keys = [(ctx.key("tasks", m, b, limit, sample_id, task=f"longbench/{dataset}"), m, b) for m, b in pairs]
             if all(store.done(k) for k, *_ in keys):
-                cells.extend((k, None) for k, *_ in keys)
+                cells.extend(Cell(k) for k, *_ in keys)
                 continue
-            ids = torch.tensor([longbench.build_prompt(record, tokenizer, limit, dataset=base, return_ids=True)])
+            ids = tuple(int(i) for i in longbench.build_prompt(record, tokenizer, limit, dataset=base,
+                                                               return_ids=True))
             for key, method, budget in keys:
-
-                def compute(ids=ids, record=record, method=method, budget=budget, base=base, gen_len=gen_len):
-                    gen = _generate(model, tokenizer, ids, method, budget, ctx.block_size, gen_len, ctx.options)
-                    if base == "samsum":  # LongBench stops samsum at the first newline
-                        gen["prediction"] = gen["prediction"].lstrip("\n").split("\n")[0]
-                    score = scorer(base, [gen["prediction"]], [record["answers"]], record.get("all_classes")) / 100
-                    return {"suite": "longbench", "metric": base, "references": record["answers"],
-                            "score": score, **gen}
-
-                cells.append((key, compute))
+                cells.append(Cell(key, LongBenchCell(ids, base, record["answers"], record.get("all_classes"),
+                                                     _generation(ctx, method, budget, gen_len))))
     return cells
 
 
@@ -1057,7 +1240,10 @@ def _longbench_cells(ctx, model, tokenizer, pairs, data_dir, names, samples, max
 
 def run_eval(eval_name: str, model, tokenizer, *, out, argv: Sequence[str] | None = None, settings: dict | None = None,
              **kwargs) -> dict:
-    """Record the run in ``<out>/runs.jsonl`` then run ``eval_name`` (``ppl``/``niah``/``tasks``/``squad``)."""
+    """Record the run in ``<out>/runs.jsonl`` then run ``eval_name`` (``ppl``/``niah``/``tasks``/``squad``).
+
+    ``kwargs`` go to the ``run_*`` function, ``executor`` included (``model`` is then a :class:`ModelInfo` where the
+    executor's workers hold the model)."""
     if eval_name == "squad":  # caote.eval.squad builds on this module: imported here
         from caote.eval.squad import run_squad as fn
     else:
@@ -1072,7 +1258,17 @@ __all__ = [
     "KEY_FIELDS",
     "PROTOCOLS",
     "SETTING_FIELDS",
+    "Cell",
+    "CellExecutor",
+    "CellSpec",
+    "Generation",
+    "LocalExecutor",
+    "LongBenchCell",
+    "ModelInfo",
+    "NeedleCell",
+    "PplCell",
     "ResultStore",
+    "RulerCell",
     "RunSettings",
     "backfill_settings",
     "book_windows",

@@ -53,11 +53,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ANSWER_PREFIX",
     "INSTRUCTION",
     "SquadArticle",
+    "SquadCell",
     "SquadPrompt",
     "SquadQuestion",
     "build_prompt",
@@ -344,6 +346,7 @@ def run_squad(
     protocol: str = "bounded",
     model_fingerprint: str | None = None,
     data: Sequence[SquadArticle] | None = None,
+    executor=None,
 ) -> dict:
     """SQuAD F1 and exact match of every method x budget over the chosen questions; records go to
     ``<out>/squad.jsonl``, keyed and resumable like every :mod:`caote.eval.runner` evaluation.
@@ -351,10 +354,9 @@ def run_squad(
     A cell is one (method, budget, question): ``length`` = ``max_context`` (default: the model's window minus
     ``max_new_tokens``), ``task`` = the article's title, ``sample`` = the SQuAD question id. ``protocol`` is
     ``bounded`` or ``question-aware`` (the question window: from ``"Question:"`` to the end of the prompt).
-    ``data`` (articles already loaded) replaces ``squad_file``.
+    ``data`` (articles already loaded) replaces ``squad_file``. ``executor`` computes the cells (see
+    :func:`caote.eval.runner.run_ppl`).
     """
-    import torch
-
     from caote.eval import runner
 
     runner._check_protocol(protocol, runner.GENERATION_PROTOCOLS, "squad")
@@ -374,28 +376,42 @@ def run_squad(
         qs = pick_questions(article, questions_per_article)
         keys = [(ctx.key("squad", m, b, limit, q.id, task=article.title), m, b, q) for q in qs for m, b in pairs]
         if all(store.done(k) for k, *_ in keys):
-            cells.extend((k, None) for k, *_ in keys)  # all done: do not even build the prompts
+            cells.extend(runner.Cell(k) for k, *_ in keys)  # all done: do not even build the prompts
             continue
         prompts = {q.id: build_prompt(tokenizer, article.document, q.question, limit, ctx.settings.chat) for q in qs}
         for key, method, budget, q in keys:
-            prompt = prompts[q.id]
+            cells.append(runner.Cell(key, SquadCell(article.title, q, prompts[q.id],
+                                                    runner._generation(ctx, method, budget, max_new_tokens))))
+    return runner._run_cells(ctx, "squad", cells, "squad", runner._executor(model, tokenizer, executor))
 
-            def compute(prompt=prompt, q=q, method=method, budget=budget, article=article):
-                aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
-                         if ctx.question_aware else None)
-                gen = runner._generate(model, tokenizer, torch.tensor([prompt.ids]), method, budget, ctx.block_size,
-                                       max_new_tokens, ctx.options, aware)
-                raw = gen.pop("prediction")
-                answer = extract_answer(raw)
-                f1, em = squad_scores(answer, q.answers)
-                return {"title": article.title, "question": q.question, "references": list(q.answers),
-                        "prediction": answer, "generation": raw, "score": f1, "em": em, "depth": q.depth,
-                        "truncated": prompt.truncated, "document_tokens": prompt.document_tokens,
-                        "kept_document_tokens": prompt.kept_document_tokens,
-                        **({"question_tokens": aware} if aware else {}), **gen}
 
-            cells.append((key, compute))
-    return runner._run_cells(ctx, "squad", cells, "squad")
+@dataclass(frozen=True)
+class SquadCell:
+    """A SQuAD cell (a :class:`caote.eval.runner.CellSpec`): the greedy answer to ``question`` about the article
+    ``title`` (its ``prompt`` already built), scored with SQuAD's F1 and exact match."""
+
+    title: str
+    question: SquadQuestion
+    prompt: SquadPrompt
+    generation: Any  # caote.eval.runner.Generation
+
+    def compute(self, model, tokenizer) -> dict:
+        import torch
+
+        from caote.eval import runner
+
+        prompt, q = self.prompt, self.question
+        aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
+                 if self.generation.question_aware else None)
+        gen = self.generation.answer(model, tokenizer, torch.tensor([prompt.ids]), aware)
+        raw = gen.pop("prediction")
+        answer = extract_answer(raw)
+        f1, em = squad_scores(answer, q.answers)
+        return {"title": self.title, "question": q.question, "references": list(q.answers),
+                "prediction": answer, "generation": raw, "score": f1, "em": em, "depth": q.depth,
+                "truncated": prompt.truncated, "document_tokens": prompt.document_tokens,
+                "kept_document_tokens": prompt.kept_document_tokens,
+                **({"question_tokens": aware} if aware else {}), **gen}
 
 
 # ----------------------------------------------------------------------------------------------

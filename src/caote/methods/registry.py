@@ -1,6 +1,6 @@
 """The method registry: every base, correction and modifier by name, and the composition of a method name.
 
-A method name is ``base[+correction][+out][+joint][+adaptive]`` (case-insensitive):
+A method name is ``base[+correction][+out][+joint][+adaptive][+chunks]`` (case-insensitive):
 
 * ``base`` — one of :data:`~caote.methods.bases.BASES` (``full``, ``streaming``, ``caote``, ``tova``, ``h2o``,
   ``snapkv``, ``dropkv``, ``expected``);
@@ -12,7 +12,10 @@ A method name is ``base[+correction][+out][+joint][+adaptive]`` (case-insensitiv
   errors, for ``caote`` and ``+caote``;
 * ``+adaptive`` — head-adaptive budgets (:mod:`caote.head_adaptive`): the layer's ``budget × H_kv`` entries shared
   by its KV heads, each keeping what its scores justify, stored per head (the bytes saved are real), for every
-  method that scores entries from the attention step.
+  method that scores entries from the attention step;
+* ``+chunks`` — eviction of whole chunks of ``chunk_size`` consecutive positions (ChunkKV; the block granularity
+  of a paged serving cache, docs/serving.md), chunk score = summed entry scores, for every evicting method but
+  ``+joint`` and ``+adaptive``.
 
 Adding a method: define its :class:`~caote.methods.base.Base` (or :class:`~caote.methods.base.Correction`) in its own
 small module and list it here.
@@ -37,7 +40,7 @@ CORRECTIONS: tuple[Correction, ...] = (
                lambda rows, values: values.mean(dim=-2)[:, :, None, None, :].expand(*rows.shape[:-1], -1),
                joint=False),
 )
-MODIFIERS = ("out", "joint", "adaptive")
+MODIFIERS = ("out", "joint", "adaptive", "chunks")
 
 BASE_BY_NAME = {base.name: base for base in BASES}
 CORRECTION_BY_NAME = {c.name: c for c in CORRECTIONS}
@@ -50,7 +53,7 @@ PAPER_METHODS: tuple[str, ...] = (
 NEW_METHODS: tuple[str, ...] = (
     "caote+out", "caote+joint", "dropkv", "expected", "expected+caote", "expected+caote+out",
     "snapkv+caote+out", "snapkv+caote+joint", "h2o+caote+out",
-    "snapkv+adaptive", "snapkv+caote+adaptive", "expected+caote+adaptive",
+    "snapkv+adaptive", "snapkv+caote+adaptive", "expected+caote+adaptive", "caote+chunks", "snapkv+caote+chunks",
 )
 """Query-agnostic methods beyond the paper (method.md §6), each a composition of the registry's parts."""
 METHODS: tuple[str, ...] = PAPER_METHODS + NEW_METHODS
@@ -67,6 +70,7 @@ class MethodSpec:
     output_space: bool = False
     joint: bool = False
     adaptive: bool = False
+    chunked: bool = False
 
     @property
     def reads(self) -> Reads:
@@ -87,13 +91,17 @@ class MethodSpec:
 
     def choose_evicted(self, view: StepView, entry_scores: torch.Tensor, protected: torch.Tensor | None,
                        n_evict: int) -> torch.Tensor:
-        """Indices ``(B, H_kv, n_evict)`` of the entries to evict: the lowest scores, or with ``+joint`` the greedy
-        set of smallest joint error (never a protected entry)."""
+        """Indices ``(B, H_kv, n)`` of the entries to evict: the ``n = n_evict`` lowest scores, with ``+joint`` the
+        greedy set of smallest joint error, with ``+chunks`` the whole chunks of lowest score (``n`` rounded up to
+        whole chunks); never a protected entry."""
         if self.joint:
             rows = self.base.joint_rows(view) if self.correction is None else self._rows(view)
             candidates = torch.ones_like(entry_scores, dtype=torch.bool) if protected is None else ~protected
             flat = rows.flatten(2, 3)
             return scores.greedy_joint_eviction(flat, view.values, n_evict, candidates, view.config.joint_round)
+        if self.chunked:
+            return scores.chunk_eviction(entry_scores, view.positions, protected, n_evict, view.config.chunk_size,
+                                         view.seen)
         if protected is not None:
             entry_scores = entry_scores.masked_fill(protected, float("inf"))
         return entry_scores.topk(n_evict, dim=-1, largest=False).indices
@@ -119,7 +127,7 @@ def resolve(method: str) -> MethodSpec:
     if unknown or len(set(parts)) != len(parts):
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}{_suggest(name)}")
     spec = MethodSpec(_canonical(base, correction, parts), base, correction, "out" in parts, "joint" in parts,
-                      "adaptive" in parts)
+                      "adaptive" in parts, "chunks" in parts)
     is_error = correction is not None or base.name in ("caote", "dropkv")
     if spec.output_space and not is_error:
         raise ValueError(f"method {method!r}: '+out' measures a CAOTE error through o_proj; {base_name!r} alone scores "
@@ -130,6 +138,9 @@ def resolve(method: str) -> MethodSpec:
     if spec.adaptive and not (base.reads.attention or base.reads.queries):
         raise ValueError(f"method {method!r}: '+adaptive' shares the budget by the heads' scores; {base_name!r} scores "
                          "no entry from the attention step (every head would keep the same)")
+    if spec.chunked and (spec.joint or spec.adaptive or not base.evicts):
+        raise ValueError(f"method {method!r}: '+chunks' evicts whole chunks per head; it does not combine with "
+                         "'+joint' or '+adaptive' (nor apply to 'full')")
     if spec.adaptive and spec.joint:
         raise ValueError(f"method {method!r}: '+adaptive' and '+joint' together are not implemented")
     if spec.joint and spec.output_space:
