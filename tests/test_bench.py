@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import math
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,31 @@ def test_memory_worker_measures_one_configuration():
 def test_bad_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
         bench._method_list("full,tova+bogus")
+
+
+def test_quick_sweep_fits_slopes_and_writes_plots(tmp_path, capsys):
+    args = _args(tmp_path, "--sweep", "--lengths", "64,128,256", "--budgets", "16", "--block-size", "16",
+                 "--decode-tokens", "2", "--methods", "full,streaming,tova")
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "sweep: log-log slope" in out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    series = {entry["method"]: entry for entry in results["sweep"]["series"]}
+    assert series["full"]["lengths"] == [64, 128, 256]
+    for entry in series.values():
+        assert all(t > 0 for t in entry["prefill_s_per_token"]) and all(r > 0 for r in entry["decode_tok_s"])
+        assert math.isfinite(entry["slopes"]["prefill_s"]) and math.isfinite(entry["slopes"]["peak_kv_bytes"])
+    # stored KV: the full cache grows with the prompt, a budgeted one stays at budget + block
+    assert series["full"]["slopes"]["peak_kv_bytes"] == pytest.approx(1.0, abs=0.1)
+    for method in ("streaming", "tova"):
+        assert series[method]["slopes"]["peak_kv_bytes"] == pytest.approx(0.0, abs=0.1)
+    plots = results["sweep"]["plots"]
+    assert len(plots) == 3 and all(Path(p).exists() and Path(p).stat().st_size > 0 for p in plots)  # no RSS: --quick
+    assert (tmp_path / "bench.md").read_text().count("| streaming | 16 |") == 1
+
+
+def test_sweep_lengths_are_capped_by_the_model_positions():
+    model = bench.tiny_model()
+    assert bench.cap_lengths([1024, 16384, 32768], model, log=lambda line: None) == [1024, 16384]
+    assert bench.loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
+    assert bench.loglog_slope([1], [3]) is None

@@ -62,8 +62,11 @@ def evaluate(tiny_folder):
 
 @pytest.fixture(scope="module")
 def hf_results(evaluate) -> dict:
-    """lm-eval's own ``hf`` model on the same folder."""
-    return evaluate("hf", "dtype=float32")
+    """lm-eval's own ``hf`` model on the same folder, hub kernels off (transformers 5.25 turns them on by default and
+    then needs the ``kernels`` package and the network; caote's own loads pass ``hf.MODEL_LOAD_KWARGS``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("USE_HUB_KERNELS", "0")
+        return evaluate("hf", "dtype=float32")
 
 
 def responses(results: dict, task: str) -> list:

@@ -63,12 +63,14 @@ def _eval(*args: str) -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the tests that do not test starting one."""
+    """One local Ray cluster (2 CPUs, started as ``--ray`` starts one) for the tests that do not test starting one."""
     import ray
+
+    from caote.eval.distributed import init_local
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+        init_local(num_cpus=2)
     yield ray
     if started:
         ray.shutdown()

@@ -9,7 +9,7 @@ import re
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 from caote import EvictionConfig, scores
 from caote.methods import StepView
@@ -82,6 +82,7 @@ def test_output_space_meta_error_uses_the_groups_summed_slice(n, d, group, seed)
 @SETTINGS
 @given(n=st.integers(3, 12), d=st.integers(1, 6), n_rows=st.integers(1, 4), seed=st.integers(0, 10_000),
        size=st.integers(1, 4))
+@example(n=3, d=1, n_rows=4, seed=10000, size=2)  # the set holds almost all of a row's mass (cancellation)
 def test_joint_error_equals_removing_the_set_by_brute_force(n, d, n_rows, seed, size):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n_rows, d, generator=g, dtype=torch.float64) * 2

@@ -12,7 +12,7 @@ Configurations:
 * every other method (``caote.METHODS``): :class:`~caote.cache.EvictingCache` with ``budget`` entries per layer
   and KV head, prompt fed block by block (:func:`caote.generation.prefill`), then greedy decoding. Policies that
   score with attention weights run their attention in float32 eager mode (``hf.caote_attention``); ``streaming``
-  uses SDPA.
+  uses SDPA over its ring buffer (:mod:`caote.ring`).
 
 Figures per configuration:
 
@@ -29,6 +29,11 @@ Figures per configuration:
   that peak minus the RSS just before the run (weights and interpreter excluded). A separate process because
   freed memory stays mapped in the allocator: in one process a later configuration would reuse the pages of an
   earlier one and show no growth.
+
+``--sweep`` (issue 13): the same measurements over prompt lengths (default 1k..8k, capped by the model's maximum
+positions) for ``full`` and budgeted methods; adds the time per prefill token, the log-log slopes of prefill time,
+peak stored KV bytes and peak RSS against the length (:func:`sweep_summary`: 1 = linear, 0 = flat) and one PNG per
+figure against the length (:func:`write_sweep_plots`).
 """
 
 from __future__ import annotations
@@ -82,6 +87,18 @@ TINY_MODEL = "tiny-random"
 
 FULL_DEFAULTS = dict(lengths=[2048, 4096, 8192], budgets=[256, 512, 1024], block_size=128, decode_tokens=64)
 QUICK_DEFAULTS = dict(lengths=[256, 512], budgets=[64], block_size=32, decode_tokens=8)
+SWEEP_DEFAULTS = dict(lengths=[1024, 2048, 4096, 8192], budgets=[512], methods=["full", "streaming", "snapkv+caote"])
+"""``--sweep``: prompt lengths (capped by the model's maximum positions), one budget, full against budgeted methods."""
+QUICK_SWEEP_DEFAULTS = dict(lengths=[128, 256, 512], budgets=[32], methods=["full", "streaming", "snapkv+caote"])
+SWEEP_FIELDS = {
+    "prefill_s_per_token": "prefill time per prompt token (s)",
+    "decode_tok_s": "decode tokens/s",
+    "peak_kv_bytes": "peak stored KV bytes",
+    "peak_rss_bytes": "peak process memory, RSS (bytes)",
+}
+"""The sweep's figures per configuration, each plotted against the prompt length (log-log)."""
+SLOPE_FIELDS = ("prefill_s", "peak_kv_bytes", "peak_rss_bytes")
+"""Figures whose log-log slope against the prompt length ``--sweep`` fits (1 = linear growth, 0 = flat)."""
 
 # targets (issue text)
 CAOTE_PREFILL_LIMIT = 1.10
@@ -146,9 +163,22 @@ class EvictionTimer:
 
     @contextmanager
     def installed(self):
+        """Time ``after_attention`` of :class:`~caote.cache.EvictingLayer` and of every layer kind that overrides it
+        (:class:`caote.ring.RingLayer`)."""
         from caote.cache import EvictingLayer
+        from caote.ring import RingLayer
 
-        original = EvictingLayer.after_attention
+        originals = {kind: kind.__dict__["after_attention"] for kind in (EvictingLayer, RingLayer)}
+        for kind, original in originals.items():
+            kind.after_attention = self._timed(original)
+        try:
+            yield self
+        finally:
+            for kind, original in originals.items():
+                kind.after_attention = original
+
+    def _timed(self, original):
+        """``original`` (an ``after_attention``) adding its seconds and calls to the current phase."""
         timer = self
 
         def timed(layer, *args, **kwargs):
@@ -160,11 +190,7 @@ class EvictionTimer:
                 timer.seconds[phase] = timer.seconds.get(phase, 0.0) + time.perf_counter() - start
                 timer.calls[phase] = timer.calls.get(phase, 0) + 1
 
-        EvictingLayer.after_attention = timed
-        try:
-            yield self
-        finally:
-            EvictingLayer.after_attention = original
+        return timed
 
     @contextmanager
     def phase_of(self, name: str):
@@ -336,6 +362,9 @@ class BenchSettings:
     threads: int = 1
     device: str = "cpu"
     """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA, else MPS, else CPU)."""
+    sweep: bool = False
+    """Scaling sweep over the prompt lengths (:func:`sweep_summary`); lengths above the model's maximum positions
+    are dropped."""
 
 
 def check_settings(settings: BenchSettings) -> None:
@@ -385,6 +414,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
                          f"--lengths")
     wall_start = time.perf_counter()
     model, tokenizer = load_bench_model(settings.model, settings.device)
+    if settings.sweep:
+        settings.lengths = cap_lengths(settings.lengths, model, log)
+        configs = build_configs(settings)
     vocab = model.config.vocab_size
     prompts = {length: prompt_ids(tokenizer, vocab, length).to(model.device) for length in settings.lengths}
     timer = EvictionTimer()
@@ -441,7 +473,90 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         "targets": check_targets(rows, settings.block_size),
         "wall_s": time.perf_counter() - wall_start,
     }
+    if settings.sweep:
+        results["sweep"] = sweep_summary(rows)
     return results
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def cap_lengths(lengths: list[int], model, log=print) -> list[int]:
+    """``lengths`` up to the model's maximum positions (``max_position_embeddings``, when it has one); the dropped
+    ones are logged. ``ValueError`` when none is left."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is None:
+        return list(lengths)
+    kept = [length for length in lengths if length <= limit]
+    dropped = [length for length in lengths if length > limit]
+    if dropped:
+        log(f"sweep: lengths {dropped} dropped, above the model's {limit} positions")
+    if not kept:
+        raise ValueError(f"every sweep length ({lengths}) is above the model's {limit} positions")
+    return kept
+
+
+def loglog_slope(xs: list[float], ys: list[float | None]) -> float | None:
+    """Least-squares slope of ``log y`` against ``log x`` (``y ∝ x^slope``); ``None`` with fewer than two positive
+    points."""
+    points = [(x, y) for x, y in zip(xs, ys) if x and y is not None and x > 0 and y > 0]
+    if len({x for x, _ in points}) < 2:
+        return None
+    log_x = torch.tensor([x for x, _ in points], dtype=torch.float64).log()
+    log_y = torch.tensor([y for _, y in points], dtype=torch.float64).log()
+    centred = log_x - log_x.mean()
+    return float((centred * (log_y - log_y.mean())).sum() / (centred**2).sum())
+
+
+def sweep_summary(rows: list[dict]) -> dict:
+    """The sweep's series, one per method and budget, in length order: :data:`SWEEP_FIELDS` per length and the
+    log-log slopes of :data:`SLOPE_FIELDS` against the length."""
+    series = []
+    for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in rows):
+        points = sorted((r for r in rows if (r["method"], r["budget"]) == (method, budget)), key=lambda r: r["length"])
+        lengths = [r["length"] for r in points]
+        entry = dict(method=method, budget=budget, lengths=lengths)
+        entry["prefill_s_per_token"] = [r["prefill_s"] / r["length"] for r in points]
+        for name in ("prefill_s", "decode_tok_s", "peak_kv_bytes", "peak_rss_bytes"):
+            entry[name] = [r[name] for r in points]
+        entry["slopes"] = {name: loglog_slope(lengths, entry[name]) for name in SLOPE_FIELDS}
+        series.append(entry)
+    return {"series": series}
+
+
+def sweep_text(sweep: dict) -> str:
+    """The fitted log-log slopes, one line per method and budget (the sweep's part of the report)."""
+    lines = ["sweep: log-log slope against the prompt length (1 = linear, 0 = flat)",
+             "| method | budget | lengths | prefill time | peak KV bytes | peak RSS |", "|---|---:|---|---:|---:|---:|"]
+    for entry in sweep["series"]:
+        slopes = entry["slopes"]
+        lines.append(f"| {entry['method']} | {entry['budget'] if entry['budget'] is not None else '—'} "
+                     f"| {','.join(map(str, entry['lengths']))} | {_fmt(slopes['prefill_s'], '.2f')} "
+                     f"| {_fmt(slopes['peak_kv_bytes'], '.2f')} | {_fmt(slopes['peak_rss_bytes'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def write_sweep_plots(sweep: dict, out: Path) -> list[str]:
+    """One log-log PNG per :data:`SWEEP_FIELDS` figure measured (``<out stem>-sweep-<figure>.png`` next to
+    ``out``), every method and budget a line; returns the paths."""
+    from caote.eval.report import _pyplot, _save
+
+    plt = _pyplot()
+    paths = []
+    for name, label in SWEEP_FIELDS.items():
+        measured = [e for e in sweep["series"] if any(v is not None for v in e[name])]
+        if not measured:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for entry in measured:
+            points = [(x, y) for x, y in zip(entry["lengths"], entry[name]) if y is not None]
+            budget = f" b={entry['budget']}" if entry["budget"] is not None else ""
+            ax.plot(*zip(*points), marker="o", label=entry["method"] + budget)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        paths.append(str(_save(fig, out.with_name(f"{out.stem}-sweep-{name}.png"))))
+    return paths
 
 
 RATIO_FIELDS = ("prefill_s", "decode_tok_s", "prefill_kv_bytes", "peak_kv_bytes", "rss_delta_bytes",
@@ -576,7 +691,8 @@ def report(results: dict, strict: bool = False) -> str:
             "before it.")
     noisy = (f"\nWARNING: median of {s['repeats']} round(s): ratios are noisy below 3 repeats (--repeats 3 or "
              f"more for figures you compare).\n" if s["repeats"] < 3 else "")
-    return f"{head}\n{noisy}\n{markdown_table(results)}\n\n{targets_text(results, strict)}\n"
+    sweep = f"\n{sweep_text(results['sweep'])}\n" if "sweep" in results else ""
+    return f"{head}\n{noisy}\n{markdown_table(results)}\n\n{targets_text(results, strict)}\n{sweep}"
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -611,6 +727,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="peak RSS per configuration in a fresh subprocess (default subprocess; off with --quick)")
     p.add_argument("--threads", type=positive_int_arg("--threads", 1), default=1, help="torch threads (default 1)")
     add_device_argument(p)
+    p.add_argument("--sweep", action="store_true",
+                   help="scaling sweep: prompt lengths (default "
+                        f"{','.join(map(str, SWEEP_DEFAULTS['lengths']))}, capped by the model's maximum positions), "
+                        f"budget {SWEEP_DEFAULTS['budgets'][0]}, methods {','.join(SWEEP_DEFAULTS['methods'])} (each "
+                        "can be overridden); adds the log-log slopes of prefill time and memory against the length "
+                        "and PNG plots next to --out")
     p.add_argument("--strict", action="store_true",
                    help="check the speed and memory targets: print PASS/FAIL for each and exit with status 1 when "
                         "one fails (without it they are only stored in the JSON results)")
@@ -621,7 +743,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> BenchSettings:
     quick = getattr(args, "quick", False)
-    defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
+    sweep = bool(getattr(args, "sweep", False))
+    defaults = dict(QUICK_DEFAULTS if quick else FULL_DEFAULTS, methods=list(DEFAULT_METHODS))
+    if sweep:
+        defaults.update(QUICK_SWEEP_DEFAULTS if quick else SWEEP_DEFAULTS)
 
     def pick(name, default):
         value = getattr(args, name, None)
@@ -631,13 +756,14 @@ def settings_from_args(args) -> BenchSettings:
         model=pick("model", TINY_MODEL if quick else None),
         lengths=pick("lengths", list(defaults["lengths"])),
         budgets=pick("budgets", list(defaults["budgets"])),
-        methods=pick("methods", list(DEFAULT_METHODS)),
+        methods=pick("methods", list(defaults["methods"])),
         block_size=pick("block_size", defaults["block_size"]),
         decode_tokens=pick("decode_tokens", defaults["decode_tokens"]),
         repeats=pick("repeats", 1 if quick else 3),
         memory=pick("memory", "off" if quick else "subprocess"),
         threads=pick("threads", 1),
         device=pick("device", "cpu"),
+        sweep=sweep,
     )
 
 
@@ -655,6 +781,9 @@ def run(args) -> int:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "sweep" in results:
+        results["sweep"]["plots"] = write_sweep_plots(results["sweep"], out)
+        print("sweep plots: " + ", ".join(results["sweep"]["plots"]))
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(text, encoding="utf-8")
     print(f"results: {out} and {out.with_suffix('.md')}")

@@ -28,7 +28,6 @@ queries alone (:meth:`EvictingLayer._choose_by_row`): a row evicts what it would
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 
@@ -250,6 +249,12 @@ class EvictingLayer(CacheLayerMixin):
         self._publish()
         hf.expect_attention(self, self.keys)
         return self.keys, self.values
+
+    def slot_mask(self, query_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The step's attention mask over the slots, when the layer builds it itself (its slot order is not position
+        order, :class:`caote.ring.RingLayer`); ``None``: transformers' causal mask (from :meth:`get_mask_sizes`)
+        lines up with the slots."""
+        return None
 
     # ---------------------------------------------------------------------------------------- eviction
     def wants_attention(self) -> bool:
@@ -674,12 +679,20 @@ class WindowLayer(DynamicSlidingWindowLayer):
             self._before_probe = None
 
 
+def uses_ring(config: EvictionConfig) -> bool:
+    """Whether a global layer of ``config`` can be a ring buffer (:class:`caote.ring.RingLayer`): plain
+    ``streaming`` (sinks + most recent), not with ``+chunks``."""
+    return config.spec.base.name == "streaming" and not config.spec.chunked
+
+
 def _make_layer(config: EvictionConfig, sliding_window: int | None = None, inv_freq: torch.Tensor | None = None,
-                padding: StepPadding | None = None) -> EvictingLayer | WindowLayer:
+                padding: StepPadding | None = None, ring: bool = True) -> EvictingLayer | WindowLayer:
     """The cache layer of one decoder layer, the one place that chooses layer kinds: a sliding-window layer
     (``sliding_window``, from :func:`caote.hf.layer_windows`) keeps its window (:class:`WindowLayer`, never
-    evicting); a global layer stores its entries in one ``(B, H_kv, N, D)`` buffer (:class:`EvictingLayer`), or in
-    per-head segments for head-adaptive budgets. ``inv_freq``: the global layers' RoPE frequencies (``expected``);
+    evicting); a global layer stores its entries in one ``(B, H_kv, N, D)`` buffer (:class:`EvictingLayer`), in
+    per-head segments for head-adaptive budgets, or, for ``streaming`` (:func:`uses_ring`) unless ``ring`` is
+    ``False`` (padded batches, the question-aware mode: :meth:`EvictingCache.use_generic_layers`), in a ring of
+    slots (:class:`caote.ring.RingLayer`). ``inv_freq``: the global layers' RoPE frequencies (``expected``);
     ``padding``: the cache's record of the step's padding, shared by its global layers."""
     if sliding_window is not None:
         return WindowLayer(sliding_window)
@@ -688,6 +701,10 @@ def _make_layer(config: EvictionConfig, sliding_window: int | None = None, inv_f
         from caote.head_adaptive import HeadAdaptiveLayer  # it subclasses EvictingLayer, defined above
 
         return HeadAdaptiveLayer(config, facts, padding)
+    if ring and uses_ring(config):
+        from caote.ring import RingLayer  # it subclasses EvictingLayer, defined above
+
+        return RingLayer(config, facts, padding)
     return EvictingLayer(config, facts, padding)
 
 
@@ -727,6 +744,8 @@ class EvictingCache(Cache):
         """``(B, seen)`` bool: the positions that chose the question-aware spans (their centres)."""
         self._spans_seen = 0
         """Tokens seen when the spans were last chosen: later positions are the block just read."""
+        self._ring = True
+        """Whether new global layers of a ``streaming`` cache may be ring buffers (:meth:`use_generic_layers`)."""
         if model is not None:
             windows = hf.attach(model)
             inv_freq = hf.rope_inv_freq(model)
@@ -739,8 +758,27 @@ class EvictingCache(Cache):
                 raise ValueError(f"method {config.method!r} needs the model's RoPE frequencies: pass the model, "
                                  "EvictingCache(model, ...)")
             hf.register()
-            super().__init__(layer_class_to_replicate=functools.partial(_make_layer, config,
-                                                                        padding=self._step_padding))
+            super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> EvictingLayer:
+        """A global layer appended on first use (a cache built without the model)."""
+        return _make_layer(self.config, padding=self._step_padding, ring=self._ring)
+
+    def use_generic_layers(self, reason: str) -> None:
+        """Replace the ring-buffer layers (``streaming``, :class:`caote.ring.RingLayer`) by generic layers
+        (:class:`EvictingLayer`, which keep the same tokens) because of ``reason`` (padding, the question-aware mode),
+        which the ring does not support; refused (``ValueError``) once a ring layer holds entries."""
+        from caote.ring import RingLayer
+
+        self._ring = False
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, RingLayer):
+                continue
+            if layer.is_initialized:
+                raise ValueError(f"method {self.config.method!r}: {reason} after the streaming ring buffer stored "
+                                 "entries is not supported (it keeps the same slots in every row and no spans); "
+                                 "start it before the first step, or read the prompts one at a time")
+            self.layers[index] = _make_layer(self.config, None, layer.facts.inv_freq, self._step_padding, ring=False)
 
     @property
     def evicting_layers(self) -> list[EvictingLayer]:
@@ -787,6 +825,8 @@ class EvictingCache(Cache):
         padded = attention_mask is not None and not bool(attention_mask.all())
         if padded:
             self._check_padding(attention_mask, q_length)
+            if self._ring:
+                self.use_generic_layers("a padded batch")
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
         if isinstance(layer, WindowLayer):
             return attention_mask[:, kv_offset:].bool() if padded else None
@@ -855,6 +895,8 @@ class EvictingCache(Cache):
         if question and self.config.spec.adaptive:
             raise ValueError(f"method {self.config.method!r}: the question-aware mode with '+adaptive' is not "
                              "implemented (its spans are shared positions in every head)")
+        if question and self._ring:
+            self.use_generic_layers("the question-aware mode")
         for layer in self.evicting_layers:
             layer.defer = question
 

@@ -134,6 +134,9 @@ def caote_attention(
             raise ValueError(f"method {layer.config.method!r}: per-head attention does not implement attention "
                              f"logit soft-capping (softcap={softcap}, Gemma 2); use the method without '+adaptive'")
         return layer.attend(module, query, scaling), None
+    if layer is not None:  # a layer whose slot order is not position order masks its own slots (caote.ring)
+        own_mask = layer.slot_mask(query.shape[2], query.dtype)
+        attention_mask = own_mask if own_mask is not None else attention_mask
     if layer is None or not layer.wants_attention():
         output = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs)
         if layer is not None:

@@ -263,13 +263,15 @@ def joint_eviction_error(rows: torch.Tensor, values: torch.Tensor, evicted: torc
 
     Per row (``rows`` ``(B, H, R, N)``, each a distribution over the entries, output ``X = Σ a v``):
     ``X − X' = Σ_S a_j (v_j − X) / (1 − a_S)``; rows combine by root-sum-square. A row whose whole mass is in
-    ``S`` has no output left: its error is infinite.
+    ``S`` has no output left: its error is infinite. Computed as ``U − (a_S / a_K) W`` (``U = Σ_S a v``,
+    ``W = Σ_K a v`` over the kept entries ``K``, ``a_K = Σ_K a``), the same quantity without the cancellation of
+    ``1 − a_S`` and ``U − a_S X`` when the set holds almost all of a row's mass.
     """
-    outputs = rows @ values
-    mass = (rows * evicted.unsqueeze(-2)).sum(-1, keepdim=True)  # (B, H, R, 1)
-    shift = (rows * evicted.unsqueeze(-2)) @ values - mass * outputs
-    rest = 1.0 - mass
-    error = torch.where(rest <= 0, torch.inf, shift.norm(dim=-1, keepdim=True) / rest.clamp_min(1e-30))
+    kept = ~evicted.unsqueeze(-2)
+    gone_rows, kept_rows = rows * evicted.unsqueeze(-2), rows * kept
+    gone_mass, kept_mass = gone_rows.sum(-1, keepdim=True), kept_rows.sum(-1, keepdim=True)  # (B, H, R, 1)
+    shift = gone_rows @ values - gone_mass / kept_mass.clamp_min(torch.finfo(kept_mass.dtype).tiny) * (kept_rows @ values)
+    error = torch.where(kept_mass <= 0, torch.inf, shift.norm(dim=-1, keepdim=True))
     return error.squeeze(-1).square().sum(-1).sqrt()
 
 

@@ -51,8 +51,9 @@ def _common(p: argparse.ArgumentParser, lengths: str | None, budgets: str) -> No
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="compute the cells on a Ray cluster, one model per worker (needs pip install 'caote[ray]'): "
-                        "without ADDRESS a local cluster (ray.init()), else the cluster at ADDRESS (auto, HOST:PORT, "
-                        "ray://HOST:PORT); records are written here, in the grid's order, as by a local run")
+                        "without ADDRESS ray.init() (a new local cluster, or $RAY_ADDRESS), else the cluster at "
+                        "ADDRESS (auto, HOST:PORT, ray://HOST:PORT); records are written here, in the grid's order, "
+                        "as by a local run")
     p.add_argument("--ray-workers", type=positive_int_arg("--ray-workers", 4), default=None, metavar="N",
                    help="Ray workers (actors), each holding the model (default: the cluster's CPUs // --threads; "
                         "with --device cuda at most its GPUs, one each)")

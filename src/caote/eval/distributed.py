@@ -1,13 +1,13 @@
 """Evaluation cells on a Ray cluster: ``caote eval ppl|niah|tasks|squad ... --ray [ADDRESS]`` (the optional extra
 ``pip install 'caote[ray]'``; caote imports Ray only here, and only when asked to).
 
-The driver (the ``caote eval`` process) builds the grid as the local run does -- the same :class:`~caote.eval.runner.Cell`
-list, keys and picklable cell specs -- and hands the cells that are not yet in the results file to a
-:class:`RayExecutor`. Each worker is one Ray actor (:class:`CellWorker`, ``--threads`` torch threads and as many
-CPUs reserved; one GPU each with ``--device cuda``) that loads the model and tokenizer once and then computes one
-cell at a time with them (``spec.compute(model, tokenizer)``). The driver holds no weights: it keys the cells with
-the :class:`~caote.eval.runner.ModelInfo` the first worker reports (every other worker must report the same: same
-model files, dtype and device type, or the run stops).
+The driver (the ``caote eval`` process) builds the grid as the local run does -- the same
+:class:`~caote.eval.runner.Cell` list, keys and picklable cell specs -- and hands the cells that are not yet in the
+results file to a :class:`RayExecutor`. Each worker is one Ray actor (:class:`CellWorker`, ``--threads`` torch threads
+and as many CPUs reserved; one GPU each with ``--device cuda``) that loads the model and tokenizer once and then
+computes one cell at a time with them (``spec.compute(model, tokenizer)``). The driver holds no weights: it keys the
+cells with the :class:`~caote.eval.runner.ModelInfo` the first worker reports (every other worker must report the
+same: same model files, dtype and device type, or the run stops).
 
 **Order.** The driver writes every record itself, to the same resumable JSON-lines file
 (:class:`~caote.eval.runner.ResultStore`), in the grid's order whatever order the workers finish in: a finished
@@ -58,6 +58,13 @@ def import_ray():
     except ImportError:
         raise ValueError(f"--ray needs Ray, which is not installed; install it with: {RAY_INSTALL}") from None
     return ray
+
+
+def init_local(**options) -> None:
+    """``ray.init()`` for a run on this machine (``options``: e.g. ``num_cpus``): without the dashboard, and with its
+    workers at the priority of a local ``caote eval`` -- Ray starts workers with niceness 15, which on a machine busy
+    with other jobs starved them (minutes to load a tiny model); on a cluster of its own that changes nothing."""
+    import_ray().init(include_dashboard=False, _system_config={"worker_niceness": 0}, **options)
 
 
 @dataclass(frozen=True)
@@ -167,9 +174,10 @@ def _cause(error: BaseException) -> str:
 class RayExecutor:
     """Computes cells on a pool of :class:`CellWorker` actors (a :class:`caote.eval.runner.CellExecutor`).
 
-    ``address``: ``None`` or ``""`` = ``ray.init()`` (a local cluster, or the one ``$RAY_ADDRESS`` names); otherwise
-    the cluster to connect to (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``). When this process is already connected
-    (``ray.is_initialized()``), that connection is used and left open. ``workers``: how many actors (default: the
+    ``address``: ``None`` or ``""`` = ``ray.init()`` (a new local cluster, unless ``$RAY_ADDRESS`` names one or one
+    was started on this machine with ``ray start``); otherwise the cluster to connect to (``auto``, ``HOST:PORT``,
+    ``ray://HOST:PORT``). When this process is already connected (``ray.is_initialized()``), that connection is used
+    and left open. ``workers``: how many actors (default: the
     cluster's CPUs // ``config.threads``; with CUDA at most its GPUs). ``on_cell_start(cell, worker)`` is called on
     the driver as each cell is handed to a worker (for monitoring and tests).
 
@@ -187,20 +195,22 @@ class RayExecutor:
         self.on_cell_start = on_cell_start
         self.max_cell_attempts = max_cell_attempts
         self.reruns: list[Rerun] = []
+        self.model_info: ModelInfo | None = None
+        self._slots: list[_Slot] = []
+        self._starting: dict[Any, _Slot] = {}
+        self._idle: deque[_Slot] = deque()
         self._started_cluster = not ray.is_initialized()
         if self._started_cluster:
             if address:
                 ray.init(address=address)
             else:
-                ray.init(include_dashboard=False)
-        self._actor_class = ray.remote(CellWorker).options(num_cpus=config.threads, num_gpus=config.gpus,
-                                                           max_restarts=0, max_task_retries=0)
-        self.workers = workers or self.default_workers()
-        self._slots = [self._new_slot(index) for index in range(self.workers)]
-        self._starting: dict[Any, _Slot] = {slot.actor.describe.remote(): slot for slot in self._slots}
-        self._idle: deque[_Slot] = deque()
-        self.model_info: ModelInfo | None = None
+                init_local()
         try:
+            self._actor_class = ray.remote(CellWorker).options(num_cpus=config.threads, num_gpus=config.gpus,
+                                                               max_restarts=0, max_task_retries=0)
+            self.workers = workers or self.default_workers()
+            self._slots = [self._new_slot(index) for index in range(self.workers)]
+            self._starting = {slot.actor.describe.remote(): slot for slot in self._slots}
             while self.model_info is None:
                 self._receive(self._wait(list(self._starting)))
         except BaseException:
@@ -324,7 +334,7 @@ class RayExecutor:
     def close(self) -> None:
         """Kill the workers; shut down the cluster if this executor started it."""
         ray = self._ray
-        for slot in getattr(self, "_slots", []):
+        for slot in self._slots:
             try:
                 ray.kill(slot.actor, no_restart=True)
             except Exception:  # already gone
@@ -364,6 +374,7 @@ __all__ = [
     "WorkerConfig",
     "WorkerInfo",
     "import_ray",
+    "init_local",
     "ray_settings",
     "worker_config",
 ]

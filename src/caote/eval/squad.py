@@ -346,7 +346,7 @@ def run_squad(
     protocol: str = "bounded",
     model_fingerprint: str | None = None,
     data: Sequence[SquadArticle] | None = None,
-    executor=None,
+    executor: Any = None,
 ) -> dict:
     """SQuAD F1 and exact match of every method x budget over the chosen questions; records go to
     ``<out>/squad.jsonl``, keyed and resumable like every :mod:`caote.eval.runner` evaluation.
