@@ -139,7 +139,9 @@ def _suffix(label: str) -> str:
 
 
 def _slug(label: str) -> str:
-    """File-name suffix of a settings label (``"block_size=64"`` -> ``"_block_size-64"``)."""
+    """File-name suffix of a settings label (``"block_size=64"`` -> ``"_block_size-64"``). Default eviction options
+    are left out of file names, so that a run with an option leaves the other groups' plot names as they were."""
+    label = ", ".join(part for part in label.split(", ") if part != "options(default)")
     return "_" + re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-") if label else ""
 
 
