@@ -49,6 +49,17 @@ def test_quick_bench_runs_and_writes_results(tmp_path, capsys):
     assert EvictingLayer.after_attention.__name__ == "after_attention"
 
 
+def test_compositions_are_compared_with_their_parent_even_when_it_is_one_itself(tmp_path, capsys):
+    """snapkv+caote+out against snapkv+caote, which is compared with snapkv: every row keeps its runs until every
+    ratio is taken."""
+    args = _args(tmp_path, "--lengths", "160", "--decode-tokens", "2", "--methods", "snapkv,snapkv+caote,snapkv+caote+out")
+    assert bench.run(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["snapkv+caote+out"]["base"] == "snapkv+caote" and rows["snapkv+caote"]["base"] == "snapkv"
+    assert rows["snapkv+caote+out"]["vs_base"]["prefill_s_from_evict"] is not None
+    assert all("_runs" not in row for row in rows.values())
+
+
 def test_memory_worker_measures_one_configuration():
     result = bench.memory_child(dict(model=bench.TINY_MODEL, length=128, method="tova+fastcaote", budget=32,
                                      block_size=32, decode_tokens=2))

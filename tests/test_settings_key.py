@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import caote
+from caote import hf
 from caote.eval import cli, report, runner
 from caote.policy import PAPER_METHODS
 from conftest import tiny_llama
@@ -37,7 +38,7 @@ def _save(model, folder: Path) -> Path:
 
 
 def _load(folder: Path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **hf.MODEL_LOAD_KWARGS).eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -582,8 +582,8 @@ def _add_ratios(rows: list[dict]) -> None:
             # also estimated from the timed eviction alone (far less noisy than the ratio of two wall times)
             row["vs_base"]["prefill_s_from_evict"] = 1.0 + _median(
                 (r.evict_prefill_s - b.evict_prefill_s) / b.prefill_s for r, b in zip(
-                    row.pop("_runs"), base["_runs"], strict=True))
-    for row in rows:
+                    row["_runs"], base["_runs"], strict=True))
+    for row in rows:  # only once every ratio is taken: a row is the base of its own compositions
         row.pop("_runs", None)
 
 
