@@ -125,12 +125,26 @@ def test_model_generate_with_evicting_cache_matches_manual_loop(tiny_model):
     assert cache.stored_tokens == 16 and cache.seen_tokens == 45
 
 
-def test_bfloat16_runs_and_scores_in_float32():
-    model = tiny_llama().to(torch.bfloat16)
-    cache = EvictingCache(model, budget=10, method="caote", block_size=4)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["caote", "snapkv+caote+adaptive", "streaming"])
+def test_half_precision_runs_and_scores_in_float32(dtype, method):
+    model = tiny_llama().to(dtype)
+    cache = EvictingCache(model, budget=10, method=method, block_size=4, snapkv_window=3)
     logits = prefill(model, torch.randint(0, 128, (1, 30)), cache)
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
-    assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.stored_tokens == 10
+    assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
+    assert cache.layers[0].keys.dtype == dtype and cache.stored_tokens == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_with_room_for_everything_is_the_plain_model(dtype):
+    """The float32 scoring path must not change the half-precision model's output when nothing is evicted."""
+    model = tiny_llama().to(dtype)
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(4))
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        want = hf.forward(model, ids, DynamicCache()).logits.float()
+    got = prefill(model, ids, EvictingCache(model, budget=64, method="caote", block_size=24)).float()
+    torch.testing.assert_close(got, want[:, -got.shape[1]:], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
