@@ -17,6 +17,22 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with a word-level tokenizer (``w1`` ... ``w127``): a local model folder that loads
+    offline in about a second (Ray workers, model-path validation)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(folder)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 128)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def tiny_model():
     return tiny_llama()
 

@@ -16,29 +16,12 @@ from pathlib import Path
 import pytest
 
 from caote.eval import runner
-from conftest import tiny_llama
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'caote[ray]'; CI installs it)")
 
 TIMING = ("seconds", "run_id")
 """Record fields that differ between two runs of the same cells."""
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with a word-level tokenizer (``w1`` ... ``w127``): a model folder that every Ray
-    worker loads from disk, offline, in about a second."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 128)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(folder)
-    return folder
 
 
 def _text(tmp_path: Path, words: int, name: str = "tiny.txt") -> Path:

@@ -3,7 +3,6 @@ problem and the fix (``caote: error: ...``, exit status 2, or a ``ValueError`` i
 Ctrl-C prints one line and exits 130."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -193,21 +192,6 @@ def test_dtype_aliases():
 def test_bad_dtype_on_the_command_line(capsys, no_loading):
     _one_line_error(capsys, ["eval", "ppl", "--dtype", "fp8"], "--dtype: unknown dtype 'fp8'", "bfloat16 (bf16)")
     _one_line_error(capsys, ["demo", "--dtype", "float64"], "unknown dtype 'float64'", "float16 (fp16, half)")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with a word-level tokenizer: a local model folder that loads in a second."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 128)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(folder)
-    return folder
 
 
 def test_load_model_accepts_dtype_alias_and_device(tiny_folder):
