@@ -76,14 +76,16 @@ def test_evicting_cache_matches_masked_full_cache_reference(tiny_model, method, 
             assert layer.seen == seen
 
 
-def test_peak_storage_is_bounded_for_any_prompt_length(tiny_model):
+@pytest.mark.parametrize("method", ["snapkv+fastcaote", "streaming"])  # the generic layer and the ring buffer
+def test_peak_storage_is_bounded_for_any_prompt_length(tiny_model, method):
     for length in (1, 64, 257, 700):
-        cache = EvictingCache(tiny_model, budget=32, method="snapkv+fastcaote", block_size=16)
+        cache = EvictingCache(tiny_model, budget=32, method=method, block_size=16)
         prefill(tiny_model, torch.randint(0, 128, (1, length)), cache)
         assert cache.peak_stored_tokens == min(length, 32 + 16)
         assert cache.stored_tokens == min(length, 32)
         assert all(layer.capacity <= 48 for layer in cache.layers)
         assert cache.peak_kv_bytes() <= 48 * cache.layers[0].entry_bytes() * len(cache.layers)
+        assert cache.allocated_kv_bytes() <= 48 * cache.layers[0].entry_bytes() * len(cache.layers)
 
 
 def test_whole_prompt_in_one_forward_grows_then_shrinks_back(tiny_model):

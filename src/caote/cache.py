@@ -301,11 +301,8 @@ class EvictingLayer(CacheLayerMixin):
             self._attention_sum[:, :, : self.stored] += attention_mass(weights)
         if not cfg.evicts or self.stored <= cfg.budget:
             return
-        if cfg.spec.output_space and self.facts.per_head_factors is None:
-            if module is None or not hasattr(module, "o_proj"):
-                raise ValueError(f"method {cfg.method!r} needs the attention module's o_proj (+out)")
-            self.facts.per_head_factors, self.facts.per_group_factors = output_space_factors(
-                module.o_proj.weight, self._keys.shape[1], self._values.shape[-1])
+        if cfg.spec.output_space:
+            self._fill_output_factors(module, self._keys.shape[1])
         view = StepView(
             config=cfg, values=values, positions=self.positions, seen=self.seen, weights=weights, outputs=outputs,
             queries=queries, keys=keys, scaling=scaling, facts=self.facts,
@@ -321,6 +318,16 @@ class EvictingLayer(CacheLayerMixin):
             self.pending = (view, scores)
             return
         self._evict_scored(view, scores)
+
+    def _fill_output_factors(self, module: torch.nn.Module | None, kv_heads: int) -> None:
+        """``+out``: the o_proj factors of this layer's ``kv_heads`` KV heads in :attr:`facts`, computed once from the
+        attention ``module`` (:func:`caote.scores.output_space_factors`)."""
+        if self.facts.per_head_factors is not None:
+            return
+        if module is None or not hasattr(module, "o_proj"):
+            raise ValueError(f"method {self.config.method!r} needs the attention module's o_proj (+out)")
+        self.facts.per_head_factors, self.facts.per_group_factors = output_space_factors(
+            module.o_proj.weight, kv_heads, self._values.shape[-1])
 
     def _evict_scored(self, view: StepView, scores: torch.Tensor) -> None:
         cfg = self.config

@@ -27,7 +27,7 @@ from caote import hf
 from caote.cache import EvictingLayer, StepPadding, warn_unbounded_step
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
-from caote.scores import attention_mass, output_space_factors
+from caote.scores import attention_mass
 
 
 def allocate_across_heads(
@@ -202,12 +202,9 @@ class HeadAdaptiveLayer(EvictingLayer):
 
     def _facts_for(self, module: torch.nn.Module | None) -> list[ModelFacts]:
         if self._head_facts is None:
-            per_head = per_group = None
             if self.config.spec.output_space:
-                if module is None or not hasattr(module, "o_proj"):
-                    raise ValueError(f"method {self.config.method!r} needs the attention module's o_proj (+out)")
-                per_head, per_group = output_space_factors(
-                    module.o_proj.weight, self.heads, self._values.shape[-1])
+                self._fill_output_factors(module, self.heads)
+            per_head, per_group = self.facts.per_head_factors, self.facts.per_group_factors
             self._head_facts = [
                 ModelFacts(self.facts.inv_freq, *(None if f is None else f[h : h + 1] for f in (per_head, per_group)))
                 for h in range(self.heads)]
