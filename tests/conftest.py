@@ -50,3 +50,10 @@ def tokenizer():
     from caote import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tokenizer):
+    """``(model, tokenizer)``: a tiny random two-layer Llama whose vocabulary is the real SmolLM2 tokenizer's (what
+    ``load_model`` returns, for the command tests)."""
+    return tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=2), tokenizer

@@ -57,13 +57,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         rows = cfg.query_rows if cfg.needs_attention else 0
         for b in range(batch):
             if cfg.spec.adaptive:  # +adaptive: the layer's budget × heads shared by its heads, scored per head
-                if int(alive[b].sum()) <= cfg.budget * heads:
+                if int(alive[b].sum()) <= (cfg.budget + cfg.slack) * heads:
                     continue
                 candidates = []  # (forced, score, head, position)
                 floor = min(int(cfg.head_floor * cfg.budget), cfg.budget - cfg.sink_tokens - cfg.recent_window)
             for h in range(heads):
                 idx = alive[b, h].nonzero().flatten()
-                if len(idx) <= cfg.budget and not cfg.spec.adaptive:
+                if len(idx) <= cfg.budget + cfg.slack and not cfg.spec.adaptive:
                     continue
                 sl = (slice(b, b + 1), slice(h, h + 1))
                 w = weights[sl][..., idx]

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from caote import EvictingCache, EvictionConfig, attached, hf
-from caote.cache import EvictingLayer, WindowLayer
+from caote.layers import EvictingLayer, WindowLayer
 from caote.generation import prefill
 from caote.question import QuestionAware
 from reference import masked_reference

@@ -6,26 +6,19 @@ import pytest
 import caote
 import caote.models
 from caote.cli import main
-from conftest import tiny_llama
 
 SHORT = "The lighthouse keeper wrote that the passphrase is violet harbour 7312. Then he went to sleep."
 LONG = " ".join(f"Line {i} of the keeper's log says the tide was calm and the lamp was lit." for i in range(40))
 
 
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    """A tiny random Llama whose vocabulary is the real SmolLM2 tokenizer's, with that tokenizer."""
-    return tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=2), tokenizer
-
-
 @pytest.fixture
-def loaded(monkeypatch, tiny):
+def loaded(monkeypatch, tiny_with_tokenizer):
     """``load_model`` returns the tiny model and records its arguments."""
     calls = []
 
     def load(*args, **kwargs):
         calls.append((args, kwargs))
-        return tiny
+        return tiny_with_tokenizer
 
     monkeypatch.setattr(caote.models, "load_model", load)
     return calls
@@ -52,7 +45,7 @@ def _ask(capsys, *argv):
     return captured.out
 
 
-def test_ask_short_file_says_nothing_evicted(capsys, tmp_path, loaded, tiny):
+def test_ask_short_file_says_nothing_evicted(capsys, tmp_path, loaded, tiny_with_tokenizer):
     path = _write(tmp_path, SHORT)
     out = _ask(capsys, "--text-file", str(path), "--question", "What is the passphrase?", "--max-new-tokens", "6")
     lines = out.splitlines()
@@ -65,7 +58,7 @@ def test_ask_short_file_says_nothing_evicted(capsys, tmp_path, loaded, tiny):
     assert any(line.startswith("method      snapkv+caote, budget 256") for line in lines)
     assert loaded[0][1]["device"] == "cpu"
     # the streamed answer is the answer the API gives for the same call
-    model, tokenizer = tiny
+    model, tokenizer = tiny_with_tokenizer
     result = caote.ask(model, tokenizer, SHORT, "What is the passphrase?", max_new_tokens=6)
     assert lines[0] == "answer      " + result.text
     assert result.evicted_tokens == 0 and result.kv_bytes == result.full_kv_bytes
@@ -90,8 +83,8 @@ def test_ask_budget_as_share_of_the_prompt(capsys, tmp_path, loaded):
     assert "(12.5% of the prompt)" in out
 
 
-def test_stream_receives_the_answer_as_generated(tiny):
-    model, tokenizer = tiny
+def test_stream_receives_the_answer_as_generated(tiny_with_tokenizer):
+    model, tokenizer = tiny_with_tokenizer
     pieces = []
     result = caote.ask(model, tokenizer, LONG, "Was the lamp lit?", budget=48, method="tova+caote",
                        max_new_tokens=12, block_size=32, stream=pieces.append)
@@ -102,8 +95,8 @@ def test_stream_receives_the_answer_as_generated(tiny):
     assert aware.question_aware and aware.method == "snapkv+caote"
 
 
-def test_ask_full_and_api_errors(tiny):
-    model, tokenizer = tiny
+def test_ask_full_and_api_errors(tiny_with_tokenizer):
+    model, tokenizer = tiny_with_tokenizer
     full = caote.ask(model, tokenizer, SHORT, "Who?", method="FULL", max_new_tokens=2)
     assert full.budget is None and full.evicted_tokens == 0
     from caote.ask import eviction_line

@@ -44,7 +44,7 @@ def test_quick_bench_runs_and_writes_results(tmp_path, capsys):
     assert memory_targets and all(t["passed"] for t in memory_targets)
     assert any(t["target"].startswith("tova+caote prefill") for t in results["targets"])
     # the timer is uninstalled afterwards
-    from caote.cache import EvictingLayer
+    from caote.layers import EvictingLayer
 
     assert EvictingLayer.after_attention.__name__ == "after_attention"
 
@@ -99,3 +99,26 @@ def test_sweep_lengths_are_capped_by_the_model_positions():
     assert bench.cap_lengths([1024, 16384, 32768], model, log=lambda line: None) == [1024, 16384]
     assert bench.loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
     assert bench.loglog_slope([1], [3]) is None
+
+
+def _row(length, method, budget, total, tok_s=10.0, evict_share=0.01):
+    return dict(length=length, method=method, budget=budget, total_s=total, decode_tok_s=tok_s,
+                evict_decode_fraction=evict_share, prefill_s=total, prefill_kv_bytes=None, peak_kv_bytes=None,
+                rss_delta_bytes=None, peak_rss_bytes=None, evict_prefill_s=0.0, base=None)
+
+
+def test_break_even_and_decode_targets_from_rows():
+    rows = [_row(1024, "full", None, 1.0), _row(2048, "full", None, 3.0), _row(4096, "full", None, 9.0),
+            _row(1024, "caote", 256, 1.2, evict_share=0.2), _row(2048, "caote", 256, 2.9), _row(4096, "caote", 256, 5.0),
+            _row(1024, "tova", 256, 0.9), _row(2048, "tova", 256, 3.1), _row(4096, "tova", 256, 6.0),
+            _row(1024, "streaming", 256, 0.8, tok_s=10.0), _row(1024, "h2o", 256, 1.1, tok_s=9.0)]
+    bench._add_ratios(rows)
+    # tova is faster at 1024 but slower at 2048: it breaks even from 4096 on, not from 1024
+    even = bench.break_even(rows)
+    assert even[("caote", 256)] == 2048 and even[("tova", 256)] == 4096 and even[("h2o", 256)] is None
+    targets = {(t["target"].split(" <=")[0].split(" >=")[0], t["length"], t["method"]): t["passed"]
+               for t in bench.check_targets(rows, block_size=128)}
+    assert targets[("total time (prefill + decode)", 2048, "caote")] is True
+    assert targets[("total time (prefill + decode)", 2048, "tova")] is False
+    assert targets[("decode eviction", 1024, "caote")] is False and targets[("decode eviction", 2048, "caote")]
+    assert targets[("decode tok/s", 1024, "h2o")] is False  # 0.90x streaming's tokens/s

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from caote import METHODS, EvictingCache, EvictionConfig, hf
-from caote.cache import EvictingLayer
+from caote.layers import EvictingLayer
 from caote.generation import prefill
 from conftest import tiny_llama
 from reference import masked_reference
@@ -74,6 +74,52 @@ def test_evicting_cache_matches_masked_full_cache_reference(tiny_model, method, 
             assert layer.peak_stored <= budget + block
             assert all((p.diff() > 0).all() and int(p.max()) < seen for p in heads)
             assert layer.seen == seen
+
+
+@pytest.mark.parametrize("method", ["caote", "h2o", "snapkv+caote", "expected+caote", "streaming", "caote+adaptive"])
+def test_slack_evicts_only_above_budget_plus_slack_and_matches_the_masked_reference(tiny_model, method):
+    """``slack``: a layer holds up to ``budget + slack`` entries and then evicts back to ``budget`` (decode steps in
+    between score nothing), exactly as the masked reference does; the bound is ``budget + slack + block``."""
+    budget, slack, block = 10, 3, 6
+    config = EvictionConfig(budget=budget, method=method, block_size=block, slack=slack,
+                            sink_tokens=2 if method == "streaming" else None,
+                            recent_window=3 if method == "h2o" else None)
+    steps = _steps(prompt_len=23, block=block, decode=12, seed=5)
+    with masked_reference(tiny_model, config) as ref:
+        expected = []
+        for step in steps:
+            with torch.inference_mode():
+                expected.append((hf.forward(tiny_model, step, ref.cache).logits, ref.kept_positions(0)))
+    cache = EvictingCache(tiny_model, config=config)
+    held = scored = 0
+    fed: list[bool] = []  # per step: whether layer 0's attention handed over the scoring inputs
+    if not config.spec.adaptive:  # (the per-head layer runs its own attention)
+        after_attention = cache.layers[0].after_attention
+
+        def recording(weights, values, outputs, **kwargs):
+            fed.append(weights is not None or kwargs.get("queries") is not None)
+            return after_attention(weights, values, outputs, **kwargs)
+
+        cache.layers[0].after_attention = recording
+    evicting_steps = []
+    for step, (logits_ref, kept0) in zip(steps, expected):
+        with torch.inference_mode():
+            logits = hf.forward(tiny_model, step, cache).logits
+        held += step.shape[1]
+        evicts = held > budget + slack
+        held = budget if evicts else held
+        scored += evicts
+        evicting_steps.append(evicts)
+        torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+        layer = cache.layers[0]
+        heads = [layer.head_positions(0, h).tolist() for h in range(len(kept0[0]))]
+        assert [heads] == kept0
+        assert sum(map(len, heads)) == held * len(heads)
+        assert layer.stored == held and layer.peak_stored <= budget + slack + block
+    assert scored >= 5  # the prompt's blocks and several decode steps evicted
+    assert cache.layers[0].evicted == sum(s.shape[1] for s in steps) - held
+    if fed and method != "streaming":  # scoring inputs exactly at the evicting steps (every step for H2O)
+        assert fed == ([True] * len(steps) if config.accumulates_attention else evicting_steps)
 
 
 @pytest.mark.parametrize("method", ["snapkv+fastcaote", "streaming"])  # the generic layer and the ring buffer

@@ -8,20 +8,14 @@ import pytest
 import caote.models
 from caote.ask import answer_credit
 from caote.cli import demo_runs, demo_summary, demo_table, excerpt, main
-from conftest import tiny_llama
 
 EXPECTED = "violet harbour 7312"
 HAYSTACK = " ".join(f"Essay sentence {i} talks about startups, painting and the way cities grow." for i in range(120))
 
 
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    return tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=2), tokenizer
-
-
 @pytest.fixture
-def loaded(monkeypatch, tiny):
-    monkeypatch.setattr(caote.models, "load_model", lambda *args, **kwargs: tiny)
+def loaded(monkeypatch, tiny_with_tokenizer):
+    monkeypatch.setattr(caote.models, "load_model", lambda *args, **kwargs: tiny_with_tokenizer)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import caote
 from caote import EvictingCache, hf
-from caote.cache import PADDING
+from caote.layers import PADDING
 from caote.generation import align_prompts, decode_greedy_rows, prefill
 from conftest import tiny_llama
 

@@ -6,7 +6,7 @@ import torch
 
 from caote import METHODS, EvictingCache, EvictionConfig, hf, parse_method
 from caote.methods import PAPER_METHODS, canonical_method
-from caote.cache import EvictingLayer
+from caote.layers import EvictingLayer
 
 
 def test_method_names():
@@ -145,3 +145,16 @@ def test_kept_set_equals_plain_reference(method):
         order = sorted(range(len(pos)), key=lambda j: (not protected[j], -s[j]))
         expected = sorted(pos[j] for j in order[:budget])
         assert layer.positions[0, h].tolist() == expected, (method, h)
+
+
+@pytest.mark.parametrize("slack", [-1, 1.5, True, "4"])
+def test_bad_slack_is_refused_by_name(slack):
+    with pytest.raises(ValueError, match="slack must be an integer >= 0"):
+        EvictionConfig(budget=8, method="caote", slack=slack)
+
+
+def test_slack_widens_the_bound_by_exactly_itself():
+    config = EvictionConfig(budget=8, method="caote", block_size=4, slack=3)
+    assert config.steady_entries() == 8 + 3 + 4 and config.steady_entries(10) == 8 + 3 + 10
+    assert not config.must_evict(11) and config.must_evict(12)
+    assert EvictionConfig(budget=None, method="full", block_size=4, slack=3).steady_entries(2) == 4  # grows, no slack

@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from caote import EvictingCache, EvictionConfig, hf
-from caote.cache import EvictingLayer
+from caote.layers import EvictingLayer
 from caote.generation import prefill
 from caote.ring import RingLayer
 from reference import masked_reference

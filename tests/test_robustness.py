@@ -8,7 +8,7 @@ import torch
 
 import caote
 from caote import EvictingCache, EvictionConfig, hf
-from caote.cache import UnboundedStepWarning
+from caote.layers import UnboundedStepWarning
 from caote.generation import generate, prefill
 from caote.validation import check_budget, resolve_budget
 

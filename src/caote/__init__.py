@@ -5,7 +5,8 @@ StreamingLLM and FastCAOTE. See ``docs`` in the repository and ``shared/docs/met
 """
 
 from caote.ask import ask
-from caote.cache import EvictingCache, EvictingLayer
+from caote.cache import EvictingCache
+from caote.layers import EvictingLayer
 from caote.hf import attached
 from caote.generation import GenerationResult, generate, prefill
 from caote.models import load_model, load_tokenizer

@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from caote import hf
-from caote.cache import EvictingCache, padding_inside
+from caote.cache import EvictingCache
+from caote.layers import padding_inside
 from caote.question import QuestionAware
 from caote.validation import check_positive_int, resolve_budget
 

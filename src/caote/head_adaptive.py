@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from caote import hf
-from caote.cache import EvictingLayer, StepPadding, warn_unbounded_step
+from caote.layers import EvictingLayer, StepPadding, warn_unbounded_step
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
 from caote.scores import attention_mass
@@ -217,7 +217,7 @@ class HeadAdaptiveLayer(EvictingLayer):
             for b, row in enumerate(steps):
                 for h, step in enumerate(row):
                     self._segment(self._attention_sum, b, h).add_(attention_mass(step["weights"][None, None])[0, 0])
-        if not cfg.evicts or self.stored <= cfg.budget:
+        if not cfg.must_evict(self.stored):
             return
         facts = self._facts_for(module)
         floor = min(int(cfg.head_floor * cfg.budget), cfg.budget - cfg.sink_tokens - cfg.recent_window)
@@ -241,7 +241,7 @@ class HeadAdaptiveLayer(EvictingLayer):
                 head_protected.append(self.protected_positions(positions, self.seen))
             kept.append(allocate_across_heads(head_scores, head_protected, cfg.budget * self.heads, floor))
         evicted = sum(self._lengths[0]) - cfg.budget * self.heads
-        self._relayout(kept, cfg.block_size)
+        self._relayout(kept, cfg.block_size + cfg.slack)
         self.evicted += evicted // self.heads
         self.stored = cfg.budget
 

@@ -4,7 +4,7 @@ How the pieces meet (see shared/docs/transformers-notes.md):
 
 * Llama/Qwen2-style attention computes RoPE, calls ``cache.update(...)`` and then the attention function
   named by ``config._attn_implementation``. The attention function does not receive the cache, so
-  :class:`caote.cache.EvictingLayer` announces itself in ``update`` (:func:`expect_attention`) and the
+  :class:`caote.layers.EvictingLayer` announces itself in ``update`` (:func:`expect_attention`) and the
   attention function registered here picks it up, computes attention (with float32 weights when the
   policy needs them) and hands weights, values and per-head outputs back to the layer, which scores and
   evicts right away: the layer's entries are not read again in that forward pass.
@@ -42,7 +42,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 if TYPE_CHECKING:
-    from caote.cache import EvictingCache, EvictingLayer
+    from caote.cache import EvictingCache
+    from caote.layers import EvictingLayer
 
 ATTENTION_NAME = "caote"
 
@@ -113,7 +114,7 @@ def caote_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention that feeds an :class:`~caote.cache.EvictingLayer`.
+    """Attention that feeds an :class:`~caote.layers.EvictingLayer`.
 
     Without a pending evicting layer (a sliding-window layer of a hybrid model, under the sliding mask the model
     built for it), or when the layer needs no weights this step, it is transformers' SDPA. Otherwise it is eager
@@ -213,7 +214,7 @@ def _float32_attention(query, key, value, attention_mask, scaling: float, output
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is not None:
-        logits = logits + attention_mask.to(torch.float32).unsqueeze(2)
+        logits.add_(attention_mask.to(torch.float32).unsqueeze(2))
     weights = torch.softmax(logits, dim=-1)
     if not outputs:
         return weights, None

@@ -29,6 +29,12 @@ class EvictionConfig:
         head_floor: with ``+adaptive``, the fraction of ``budget`` every KV head keeps whatever its scores (AdaKV's
             safeguard ``alpha``, default 0.2); the rest of the layer's ``budget × H_kv`` goes to the best scores.
         chunk_size: with ``+chunks``, positions per chunk (evicted whole; 16 = vLLM's default block size).
+        slack: entries a layer may hold above ``budget`` before it evicts, back to ``budget`` (issue 13): a decoding
+            step then scores and compacts once every ``slack + 1`` tokens instead of every token, and the steps in
+            between run plain SDPA (unless the method accumulates attention, H2O). The memory bound becomes
+            ``budget + slack + block_size`` entries (:meth:`steady_entries`). 0 (default) = evict after every step
+            (the paper's schedule, method.md §1); prefill blocks longer than ``slack`` evict after every block as
+            before.
     """
 
     budget: int | None
@@ -42,6 +48,7 @@ class EvictionConfig:
     joint_round: int = 8
     head_floor: float = 0.2
     chunk_size: int = 16
+    slack: int = 0
     spec: MethodSpec = field(init=False, repr=False, compare=False)
     base: str = field(init=False)
     correction: str | None = field(init=False)
@@ -62,6 +69,9 @@ class EvictionConfig:
             raise ValueError(f"snapkv_window must be a positive integer, got {self.snapkv_window!r}")
         if not _is_positive_int(self.snapkv_kernel) or self.snapkv_kernel % 2 == 0:
             raise ValueError(f"snapkv_kernel must be a positive odd integer, got {self.snapkv_kernel!r}")
+        if isinstance(self.slack, bool) or not isinstance(self.slack, int) or self.slack < 0:
+            raise ValueError(f"slack must be an integer >= 0 (entries held above the budget before evicting), got "
+                             f"{self.slack!r}")
         for name in ("expected_future", "joint_round", "chunk_size"):
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -98,6 +108,16 @@ class EvictionConfig:
     @property
     def evicts(self) -> bool:
         return self.spec.base.evicts
+
+    def must_evict(self, stored: int) -> bool:
+        """Whether a layer holding ``stored`` entries per KV head after a step evicts now (back to ``budget``)."""
+        return self.evicts and stored > self.budget + self.slack
+
+    def steady_entries(self, step: int = 0) -> int:
+        """The most entries per KV head a layer holds while a step of ``step`` tokens (at least ``block_size``)
+        attends: ``budget + slack + max(block_size, step)`` (``max(block_size, step)`` for ``full``)."""
+        room = max(self.block_size, step)
+        return self.budget + self.slack + room if self.evicts else room
 
     @property
     def needs_attention(self) -> bool:

@@ -1,7 +1,7 @@
 """StreamingLLM as a ring buffer (issue 13): the ``streaming`` method without scoring nor compaction.
 
 ``streaming`` keeps the first ``sink_tokens`` positions and the most recent ``budget − sink_tokens``. The generic
-:class:`~caote.cache.EvictingLayer` scores every entry by its position and compacts its buffer after every step;
+:class:`~caote.layers.EvictingLayer` scores every entry by its position and compacts its buffer after every step;
 :class:`RingLayer` gets the same kept set by construction: the sinks live in slots ``0 .. sinks − 1`` and position
 ``p >= sinks`` in slot ``sinks + (p − sinks) mod R`` (``R = capacity − sinks``), so a step writes its new entries
 over the oldest ones and a decode step copies one entry per KV head, never the buffer.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from caote import hf
-from caote.cache import PADDING, EvictingLayer, warn_unbounded_step
+from caote.layers import PADDING, EvictingLayer, warn_unbounded_step
 
 EMPTY = PADDING
 """The position of a slot that holds no entry."""
@@ -35,7 +35,7 @@ EMPTY = PADDING
 class RingLayer(EvictingLayer):
     """One layer's ``streaming`` cache as a ring of slots (see the module docstring).
 
-    Buffers as :class:`~caote.cache.EvictingLayer`'s (``(B, H_kv, capacity, D)``, positions ``(B, H_kv,
+    Buffers as :class:`~caote.layers.EvictingLayer`'s (``(B, H_kv, capacity, D)``, positions ``(B, H_kv,
     capacity)``, the same slots in every row and KV head); ``stored`` counts the entries kept (visible), not the
     slots in use.
     """
@@ -146,7 +146,7 @@ class RingLayer(EvictingLayer):
     def after_attention(self, weights, values, outputs, **kwargs) -> None:
         """After the step's attention: keep the sinks and the most recent ``budget − sinks`` positions (the window
         advances; nothing moves), and shrink a ring grown for a long step back to ``budget + block_size``."""
-        if not self.config.evicts or self.stored <= self.config.budget:
+        if not self.config.must_evict(self.stored):
             return
         self.window_start = max(self.window_start, self.seen - (self.config.budget - self.sinks))
         kept = self._count_kept(self.seen)

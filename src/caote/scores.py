@@ -110,7 +110,7 @@ def attention_mass(attn: torch.Tensor) -> torch.Tensor:
     H2O (Zhang et al. 2023, reference ``FMInference/H2O``) accumulates this over every query seen so far,
     prompt and decoding; the accumulator lives in the cache and follows the entries it scores.
     """
-    return attn.sum(dim=3).mean(dim=2)
+    return attn.sum(dim=(2, 3)).div_(attn.shape[2])
 
 
 def snapkv_scores(attn: torch.Tensor, window: int = 32, kernel: int = 5) -> torch.Tensor:

@@ -386,22 +386,23 @@ def check_model(name_or_path: str | os.PathLike | None, default_names: Sequence[
 
 
 # ------------------------------------------------------------------------------------------------ files
+def _check_path(value: str | os.PathLike, name: str, kind: str) -> Path:
+    """An existing path of ``kind`` (``file`` or ``folder``), ``~`` expanded."""
+    path = Path(os.path.expanduser(str(value)))
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+        raise ValueError(f"{name}: {kind} {value} does not exist" if not path.exists()
+                         else f"{name}: {value} is not a {kind}")
+    return path
+
+
 def check_file(value: str | os.PathLike, name: str) -> Path:
     """An existing file."""
-    path = Path(os.path.expanduser(str(value)))
-    if not path.is_file():
-        raise ValueError(f"{name}: file {value} does not exist" if not path.exists()
-                         else f"{name}: {value} is not a file")
-    return path
+    return _check_path(value, name, "file")
 
 
 def check_folder(value: str | os.PathLike, name: str) -> Path:
     """An existing folder."""
-    path = Path(os.path.expanduser(str(value)))
-    if not path.is_dir():
-        raise ValueError(f"{name}: folder {value} does not exist" if not path.exists()
-                         else f"{name}: {value} is not a folder")
-    return path
+    return _check_path(value, name, "folder")
 
 
 RESULT_FILES = ("ppl.jsonl", "niah.jsonl", "tasks.jsonl", "squad.jsonl")
