@@ -10,9 +10,10 @@ Attention: after wrap-around slot order is not position order, so the layer buil
 positions (:meth:`RingLayer.slot_mask`, used by :func:`caote.hf.caote_attention` instead of transformers' mask):
 query ``q`` sees a stored key at ``k`` iff ``k`` is still kept (a sink, or ``k >= window_start``) and ``k <= q``.
 Keys are post-RoPE, so their order does not matter to attention, only which are visible. The ring holds
-``budget + block_size`` slots: a step's new tokens overwrite only entries that were evicted before the step, so
-every query of the step sees the ``budget`` entries kept before it and the step's own tokens up to itself (the
-generic layer's ``stored + new``); after the step the window advances and ``budget`` entries stay visible. A step
+``budget + slack + block_size`` slots (``slack``: :class:`~caote.policy.EvictionConfig`, 0 by default): a step's new
+tokens overwrite only entries that were evicted before the step, so every query of the step sees the entries kept
+before it and the step's own tokens up to itself (the generic layer's ``stored + new``); once more than
+``budget + slack`` are kept the window advances and ``budget`` entries stay visible. A step
 longer than the block grows the ring (re-laid out by position) and shrinks it back after the step.
 
 Not supported by the ring (the cache uses the generic layer instead, when it learns of them before any entry is
