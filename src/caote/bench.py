@@ -404,9 +404,10 @@ def check_settings(settings: BenchSettings) -> None:
         raise ValueError(f"memory must be 'subprocess' or 'off', got {settings.memory!r}")
     settings.device = str(check_device(settings.device))
     check_model(settings.model, default_names=(TINY_MODEL,))
-    if settings.options:  # the option's own checks (e.g. slack >= 0), before any model loads
-        EvictionConfig(budget=max(settings.budgets), method="caote", block_size=settings.block_size,
-                       **settings.options)
+    if settings.options:  # every method's checks of the options (e.g. slack >= 0), before any model loads
+        for method in settings.methods:
+            for budget in settings.budgets if method != "full" else [None]:
+                EvictionConfig(budget=budget, method=method, block_size=settings.block_size, **settings.options)
 
 
 def build_configs(settings: BenchSettings) -> list[Config]:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from caote import hf
-from caote.layers import EvictingLayer, StepPadding, warn_unbounded_step
+from caote.layers import EvictingLayer, StepPadding, warn_if_unbounded_step
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
 from caote.scores import attention_mass
@@ -170,8 +170,7 @@ class HeadAdaptiveLayer(EvictingLayer):
         self.seen += step
         self.stored = sum(self._lengths[0]) // heads
         self.peak_stored = max(self.peak_stored, self.stored)
-        if self.config.evicts and step > self.config.budget + self.config.block_size:
-            warn_unbounded_step(step, self.config)
+        warn_if_unbounded_step(step, self.config)
         hf.expect_attention(self, key_states)
         return key_states, value_states
 

@@ -46,8 +46,11 @@ from caote.policy import EvictionConfig
 from caote.scores import attention_mass, output_space_factors
 
 
-def warn_unbounded_step(step: int, config: EvictionConfig) -> None:
-    """Warn once per process: a step longer than ``budget + block_size`` is held whole before eviction."""
+def warn_if_unbounded_step(step: int, config: EvictionConfig) -> None:
+    """Warn once per process when an evicting layer receives a step longer than ``budget + block_size``: it is held
+    whole before eviction."""
+    if not config.evicts or step <= config.budget + config.block_size:
+        return
     warnings.warn(
         f"caote: a forward step of {step} tokens reached an evicting cache (budget {config.budget}, block_size "
         f"{config.block_size}): the memory is not bounded during this step. Pass prefill_chunk_size="
@@ -238,8 +241,7 @@ class EvictingLayer(CacheLayerMixin):
             if self.config.evicts:
                 doubled = min(doubled, self._steady_capacity(0))
             grown = max(self.stored + step, doubled)
-            if self.config.evicts and step > self.config.budget + self.config.block_size:
-                warn_unbounded_step(step, self.config)
+            warn_if_unbounded_step(step, self.config)
             self._allocate(grown, key_states, value_states)
         start, end = self.stored, self.stored + step
         self._keys[:, :, start:end] = key_states

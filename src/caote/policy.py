@@ -114,8 +114,9 @@ class EvictionConfig:
         return self.evicts and stored > self.budget + self.slack
 
     def steady_entries(self, step: int = 0) -> int:
-        """The most entries per KV head a layer holds while a step of ``step`` tokens (at least ``block_size``)
-        attends: ``budget + slack + max(block_size, step)`` (``max(block_size, step)`` for ``full``)."""
+        """The most entries per KV head a layer holds while a step of ``step`` tokens attends (a step shorter than
+        ``block_size`` counts as one block): ``budget + slack + max(block_size, step)``; ``max(block_size, step)``
+        for ``full``."""
         room = max(self.block_size, step)
         return self.budget + self.slack + room if self.evicts else room
 

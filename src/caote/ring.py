@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from caote import hf
-from caote.layers import PADDING, EvictingLayer, warn_unbounded_step
+from caote.layers import PADDING, EvictingLayer, warn_if_unbounded_step
 
 EMPTY = PADDING
 """The position of a slot that holds no entry."""
@@ -118,8 +118,7 @@ class RingLayer(EvictingLayer):
         if needed > self.capacity:
             if self.config.evicts:
                 grown = max(needed, min(2 * self.capacity, self._steady_capacity(0)))
-                if step > self.config.budget + self.config.block_size:
-                    warn_unbounded_step(step, self.config)
+                warn_if_unbounded_step(step, self.config)
             else:
                 grown = max(needed, 2 * self.capacity)
             self._allocate(grown, key_states, value_states)

@@ -38,8 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from caote.validation import (
     DataFile,
     QAFile,
@@ -176,20 +174,15 @@ class QACell:
     generation: Any  # caote.eval.runner.Generation
 
     def compute(self, model, tokenizer) -> dict:
-        from caote.eval import runner
-
         prompt, record = self.prompt, self.record
-        aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
-                 if self.generation.question_aware else None)
-        gen = self.generation.answer(model, tokenizer, torch.tensor([prompt.ids]), aware)
+        gen = self.generation.answer_prompt(model, tokenizer, prompt)
         generation = gen.pop("prediction")
         return {"suite": "jsonl", "metric": QA_METRIC, "data_file": self.data_file,
                 "line": record.line, "schema": record.schema, "question": record.question,
                 "references": list(record.answers), **score_qa(generation, record.answers),
                 "generation": generation, "truncated": prompt.truncated,
                 "document_tokens": prompt.document_tokens,
-                "kept_document_tokens": prompt.kept_document_tokens,
-                **({"question_tokens": aware} if aware else {}), **gen}
+                "kept_document_tokens": prompt.kept_document_tokens, **gen}
 
 
 def qa_cells(ctx, tokenizer, pairs, qa: QAFile, lengths: Sequence[int], samples: int,

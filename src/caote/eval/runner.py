@@ -963,6 +963,13 @@ class Generation:
         return _generate(model, tokenizer, ids, self.method, self.budget, self.block_size, self.max_new_tokens,
                          self.options, question_len)
 
+    def answer_prompt(self, model, tokenizer, prompt) -> dict:
+        """The answer to a built document-QA prompt (:class:`caote.eval.squad.SquadPrompt`: its ``ids``, ``text`` and
+        ``question_start``), with ``question_tokens`` (its question window) under the question-aware protocol."""
+        aware = question_tokens(tokenizer, prompt.text, prompt.question_start) if self.question_aware else None
+        gen = self.answer(model, tokenizer, torch.tensor([prompt.ids]), aware)
+        return {**({"question_tokens": aware} if aware else {}), **gen}
+
 
 def _generation(ctx: RunContext, method: str, budget: int | None, max_new_tokens: int) -> Generation:
     """A cell's :class:`Generation` under the run's block size, options and protocol."""

@@ -396,22 +396,15 @@ class SquadCell:
     generation: Any  # caote.eval.runner.Generation
 
     def compute(self, model, tokenizer) -> dict:
-        import torch
-
-        from caote.eval import runner
-
         prompt, q = self.prompt, self.question
-        aware = (runner.question_tokens(tokenizer, prompt.text, prompt.question_start)
-                 if self.generation.question_aware else None)
-        gen = self.generation.answer(model, tokenizer, torch.tensor([prompt.ids]), aware)
+        gen = self.generation.answer_prompt(model, tokenizer, prompt)
         raw = gen.pop("prediction")
         answer = extract_answer(raw)
         f1, em = squad_scores(answer, q.answers)
         return {"title": self.title, "question": q.question, "references": list(q.answers),
                 "prediction": answer, "generation": raw, "score": f1, "em": em, "depth": q.depth,
                 "truncated": prompt.truncated, "document_tokens": prompt.document_tokens,
-                "kept_document_tokens": prompt.kept_document_tokens,
-                **({"question_tokens": aware} if aware else {}), **gen}
+                "kept_document_tokens": prompt.kept_document_tokens, **gen}
 
 
 # ----------------------------------------------------------------------------------------------
