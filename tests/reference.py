@@ -14,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
-from caote.scores import attention_mass, output_space_factors
+from caote.scores import add_attention_mass, output_space_factors
 
 NAME = "caote_masked_reference"
 
@@ -49,7 +49,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     weights = torch.softmax(logits, -1)
     out = torch.einsum("bhgqn,bhnd->bhgqd", weights, value.float())
     if cfg.accumulates_attention:
-        mass = mass + attention_mass(weights)
+        mass = add_attention_mass(mass, weights)
     if cfg.evicts and kwargs.get("sliding_window") is None:
         facts = ModelFacts(inv_freq=ref.inv_freq)
         if cfg.spec.output_space:

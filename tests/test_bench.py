@@ -43,6 +43,8 @@ def test_quick_bench_runs_and_writes_results(tmp_path, capsys):
     memory_targets = [t for t in results["targets"] if t["target"].startswith("prefill peak KV")]
     assert memory_targets and all(t["passed"] for t in memory_targets)
     assert any(t["target"].startswith("tova+caote prefill") for t in results["targets"])
+    caote_prefill = {t["method"] for t in results["targets"] if t["target"].startswith("CAOTE prefill <= 0.55x")}
+    assert caote_prefill == {"caote", "tova+caote", "h2o+caote"}
     # the timer is uninstalled afterwards
     from caote.layers import EvictingLayer
 
@@ -97,6 +99,10 @@ def test_quick_sweep_fits_slopes_and_writes_plots(tmp_path, capsys):
 def test_sweep_lengths_are_capped_by_the_model_positions():
     model = bench.tiny_model()
     assert bench.cap_lengths([1024, 16384, 32768], model, log=lambda line: None) == [1024, 16384]
+    limit = model.config.max_position_embeddings
+    assert bench.cap_lengths([limit - 8, limit - 7], model, decode_tokens=8, log=lambda line: None) == [limit - 8]
+    with pytest.raises(ValueError, match="decode tokens"):
+        bench.cap_lengths([limit], model, decode_tokens=1, log=lambda line: None)
     assert bench.loglog_slope([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
     assert bench.loglog_slope([1], [3]) is None
 
@@ -122,3 +128,32 @@ def test_break_even_and_decode_targets_from_rows():
     assert targets[("total time (prefill + decode)", 2048, "tova")] is False
     assert targets[("decode eviction", 1024, "caote")] is False and targets[("decode eviction", 2048, "caote")]
     assert targets[("decode tok/s", 1024, "h2o")] is False  # 0.90x streaming's tokens/s
+
+
+def test_accelerator_peak_memory_is_read_from_every_cuda_device(monkeypatch):
+    """CUDA's counters (stubbed: no GPU here) are reset before a run and their peaks summed over the devices a
+    ``device_map`` model spans; the CPU has none."""
+    import torch
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", resets.append)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: (index + 1) * 2**20)
+    bench._reset_accelerator_peak(torch.device("cuda"))
+    assert resets == [0, 1]
+    assert bench.accelerator_peak_bytes(torch.device("cuda:0")) == 3 * 2**20
+    bench._reset_accelerator_peak(torch.device("cpu"))
+    assert resets == [0, 1] and bench.accelerator_peak_bytes(torch.device("cpu")) is None
+
+
+def test_accelerator_peak_memory_gets_a_column_and_a_ratio_to_full(tmp_path, capsys, monkeypatch):
+    args = _args(tmp_path, "--lengths", "160", "--decode-tokens", "2", "--methods", "full,streaming")
+    assert bench.run(args) == 0
+    assert "peak GPU" not in capsys.readouterr().out  # CPU: no column
+    peaks = iter([7, 7, 100, 50])  # the two warm-ups first, then one round: full, streaming
+    monkeypatch.setattr(bench, "accelerator_peak_bytes", lambda device: next(peaks) * 2**20)
+    assert bench.run(args) == 0
+    assert "peak GPU MiB | ×full |" in capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["full"]["accelerator_peak_bytes"] == rows["streaming"]["accelerator_peak_bytes"] * 2
+    assert rows["streaming"]["vs_full"]["accelerator_peak_bytes"] == pytest.approx(0.5)

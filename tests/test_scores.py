@@ -150,13 +150,15 @@ def test_tova_is_last_query_mean_over_group():
     assert torch.allclose(scores.tova_scores(attn), ref, atol=1e-6)
 
 
-def test_attention_mass_sums_queries_and_averages_group():
+def test_attention_mass_adds_queries_summed_and_group_averaged_in_place():
     attn = _random_attention(1, 2, 3, 4, 7, 1)
     ref = torch.zeros(1, 2, 7)
     for h in range(2):
         for j in range(7):
             ref[0, h, j] = sum(attn[0, h, gq, qi, j] for gq in range(3) for qi in range(4)) / 3
-    assert torch.allclose(scores.attention_mass(attn), ref, atol=1e-6)
+    total = torch.full((1, 2, 7), 0.5)
+    got = scores.add_attention_mass(total, attn)
+    assert got is total and torch.allclose(total, ref + 0.5, atol=1e-6)
 
 
 def test_snapkv_window_votes_then_zero_padded_average_pool_outside_window():

@@ -261,7 +261,8 @@ class EvictingCache(Cache):
         for layer in self.layers:
             layer.drop_probe()
         seen = self.evicting_layers[0].seen
-        dense = torch.stack([question.dense_scores(layer.question_scores, layer.positions, seen)
+        # on the input's device: a model spread over devices (device_map) keeps each cache layer by its attention
+        dense = torch.stack([question.dense_scores(layer.question_scores, layer.positions, seen).to(probe_ids.device)
                              for layer in self.evicting_layers])
         for layer in self.evicting_layers:
             layer.question_scores = None

@@ -27,7 +27,7 @@ from caote import hf
 from caote.layers import EvictingLayer, StepPadding, warn_if_unbounded_step
 from caote.methods import ModelFacts, StepView
 from caote.policy import EvictionConfig
-from caote.scores import attention_mass
+from caote.scores import add_attention_mass
 
 
 def allocate_across_heads(
@@ -215,7 +215,8 @@ class HeadAdaptiveLayer(EvictingLayer):
         if cfg.accumulates_attention:
             for b, row in enumerate(steps):
                 for h, step in enumerate(row):
-                    self._segment(self._attention_sum, b, h).add_(attention_mass(step["weights"][None, None])[0, 0])
+                    segment = self._segment(self._attention_sum, b, h)
+                    add_attention_mass(segment[None, None], step["weights"][None, None])
         if not cfg.must_evict(self.stored):
             return
         facts = self._facts_for(module)

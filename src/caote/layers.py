@@ -43,7 +43,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 from caote import hf
 from caote.methods import ModelFacts, Reads, StepView
 from caote.policy import EvictionConfig
-from caote.scores import attention_mass, output_space_factors
+from caote.scores import add_attention_mass, output_space_factors
 
 
 def warn_if_unbounded_step(step: int, config: EvictionConfig) -> None:
@@ -303,7 +303,7 @@ class EvictingLayer(CacheLayerMixin):
         if weights is not None and self._step_valid is not None:  # a padding token's query reads nothing
             weights = weights * self._step_valid[:, None, None, -weights.shape[3]:, None]
         if cfg.accumulates_attention and weights is not None:
-            self._attention_sum[:, :, : self.stored] += attention_mass(weights)
+            add_attention_mass(self._attention_sum[:, :, : self.stored], weights)
         if not cfg.must_evict(self.stored):
             return
         if cfg.spec.output_space:
@@ -427,7 +427,7 @@ class EvictingLayer(CacheLayerMixin):
         pos = self.positions
         mask = self.protected_positions(pos, self.seen)
         if self.kept_spans is not None:
-            spans = self.kept_spans[:, None, :].expand(-1, pos.shape[1], -1)
+            spans = self.kept_spans.to(pos.device)[:, None, :].expand(-1, pos.shape[1], -1)
             mask |= spans.gather(-1, pos.clamp_max(spans.shape[-1] - 1)) & (pos < spans.shape[-1])
         return mask
 

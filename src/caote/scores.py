@@ -55,21 +55,26 @@ def caote_scores(attn: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
     batch, heads, group, q_len, n = attn.shape
     flat_attn = attn.reshape(batch, heads, group * q_len, n)
     flat_out = outputs.reshape(batch, heads, group * q_len, -1)
-    dominant = flat_attn > 0.5
-    small = (flat_attn / (1.0 - flat_attn)).square_().masked_fill_(dominant, 0.0)  # a ≤ 1/2: no clamp needed
-    magnitude = (
-        torch.matmul(flat_out.square().sum(-1).unsqueeze(-2), small).squeeze(-2)
-        + values.square().sum(-1) * small.sum(-2)
-    )
-    total = magnitude - 2.0 * (torch.matmul(small.transpose(-1, -2), flat_out) * values).sum(-1)
+    # the pairs with a > 1/2: at most one per query row, so the row maxima find them (no mask over all pairs)
+    peak = flat_attn.amax(dim=-1)
+    b, h, row = (peak > 0.5).nonzero(as_tuple=True)
+    j = flat_attn[b, h, row].argmax(-1)
+    small = torch.rsub(flat_attn, 1.0)
+    small = torch.div(flat_attn, small, out=small).square_()
+    small[b, h, row, j] = 0.0  # a ≤ 1/2 everywhere else: no clamp needed
+    # one pass over the (G·Q) × N ratios: Σ_q r X_q, Σ_q r ‖X_q‖² and Σ_q r for every entry
+    # (computed as (D+2) × N: the ratios' rows stay the long, contiguous side of the product)
+    sides = torch.cat([flat_out, flat_out.square().sum(-1, keepdim=True), torch.ones_like(flat_out[..., :1])], -1)
+    sums = torch.matmul(sides.transpose(-1, -2), small)
+    magnitude = sums[..., -2, :] + values.square().sum(-1) * sums[..., -1, :]
+    total = magnitude - 2.0 * (sums[..., :-2, :] * values.transpose(-1, -2)).sum(-2)
     # where the expansion lost its precision (result tiny against its terms), recompute that entry directly
-    b, h, j = (total < 1e-3 * magnitude).nonzero(as_tuple=True)
+    eb, eh, ej = (total < 1e-3 * magnitude).nonzero(as_tuple=True)
+    if len(eb):
+        exact = (small[eb, eh, :, ej] * (flat_out[eb, eh] - values[eb, eh, ej].unsqueeze(-2)).square().sum(-1)).sum(-1)
+        total = total.index_put((eb, eh, ej), exact)
     if len(b):
-        exact = (small[b, h, :, j] * (flat_out[b, h] - values[b, h, j].unsqueeze(-2)).square().sum(-1)).sum(-1)
-        total = total.index_put((b, h, j), exact)
-    b, h, row, j = dominant.nonzero(as_tuple=True)
-    if len(b):
-        ratio_sq = _error_ratio(flat_attn[b, h, row, j], eps).square()
+        ratio_sq = _error_ratio(peak[b, h, row], eps).square()
         direct = _times_ratio(ratio_sq, (flat_out[b, h, row] - values[b, h, j]).square().sum(-1))
         total = total.index_put((b, h, j), direct, accumulate=True)
     return total.clamp_min(0.0).sqrt()
@@ -104,13 +109,14 @@ def tova_scores(attn: torch.Tensor) -> torch.Tensor:
     return attn[..., -1, :].mean(dim=2)
 
 
-def attention_mass(attn: torch.Tensor) -> torch.Tensor:
-    """Attention received by each entry, summed over the step's queries and averaged over the group.
+def add_attention_mass(total: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``total += `` the attention each entry receives from the step, summed over its queries and averaged over the
+    group; in place (one fused add: H2O pays it at every decode step), returns ``total`` ``(B, H_kv, N)``.
 
     H2O (Zhang et al. 2023, reference ``FMInference/H2O``) accumulates this over every query seen so far,
     prompt and decoding; the accumulator lives in the cache and follows the entries it scores.
     """
-    return attn.sum(dim=(2, 3)).div_(attn.shape[2])
+    return total.add_(attn.sum(dim=(2, 3)), alpha=1.0 / attn.shape[2])
 
 
 def snapkv_scores(attn: torch.Tensor, window: int = 32, kernel: int = 5) -> torch.Tensor:
