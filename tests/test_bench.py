@@ -157,3 +157,20 @@ def test_accelerator_peak_memory_gets_a_column_and_a_ratio_to_full(tmp_path, cap
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert rows["full"]["accelerator_peak_bytes"] == rows["streaming"]["accelerator_peak_bytes"] * 2
     assert rows["streaming"]["vs_full"]["accelerator_peak_bytes"] == pytest.approx(0.5)
+
+
+def test_a_memory_worker_that_runs_too_long_keeps_the_timings(tmp_path, capsys, monkeypatch):
+    """A configuration whose RSS worker times out gets no RSS; the run still ends with every timing written."""
+    import subprocess
+
+    def too_slow(cmd, **kwargs):
+        assert kwargs["timeout"] >= bench.MEMORY_CHILD_TIMEOUT_S
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(bench.subprocess, "run", too_slow)
+    args = _args(tmp_path, "--lengths", "160", "--decode-tokens", "2", "--methods", "full,streaming",
+                 "--memory", "subprocess")
+    assert bench.run(args) == 0
+    assert "not measured: memory worker for" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["peak_rss_bytes"] is None and r["prefill_s"] > 0 for r in rows)

@@ -380,13 +380,24 @@ def memory_child(spec: dict) -> dict:
     }
 
 
+MEMORY_CHILD_TIMEOUT_S = 1800.0
+"""The least time a ``--memory subprocess`` worker gets; a configuration whose timed run took longer gets
+:data:`MEMORY_CHILD_SLOWDOWN` times that run (model load and warm-up included, on a shared machine)."""
+MEMORY_CHILD_SLOWDOWN = 4.0
+
+
 def measure_memory(model_name: str | None, config: Config, block_size: int, decode_tokens: int,
-                   threads: int, timeout: float = 1800, device: str = "cpu") -> dict:
+                   threads: int, timeout: float = MEMORY_CHILD_TIMEOUT_S, device: str = "cpu") -> dict:
+    """Peak RSS of ``config`` run alone in a fresh worker (:func:`memory_child`). A worker that fails or runs past
+    ``timeout`` raises ``RuntimeError`` naming the configuration (the caller keeps the timings already measured)."""
     spec = dict(model=model_name, length=config.length, method=config.method, budget=config.budget,
                 options=config.options, block_size=block_size, decode_tokens=decode_tokens, threads=threads, device=device)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-m", "caote.bench", "--memory-child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "caote.bench", "--memory-child", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"memory worker for {config.label} ran past {timeout:.0f} s") from error
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {config.label} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -489,8 +500,14 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     memory = {}
     if settings.memory == "subprocess":
         for config in configs:
-            memory[config.key] = measure_memory(settings.model, config, settings.block_size,
-                                                settings.decode_tokens, settings.threads, device=settings.device)
+            longest = max(r.prefill_s + r.decode_s for r in runs[config.key])
+            try:
+                memory[config.key] = measure_memory(
+                    settings.model, config, settings.block_size, settings.decode_tokens, settings.threads,
+                    timeout=max(MEMORY_CHILD_TIMEOUT_S, MEMORY_CHILD_SLOWDOWN * longest), device=settings.device)
+            except RuntimeError as error:  # the timings already measured are kept; this row has no RSS
+                log(f"[memory] {config.label:<36} not measured: {str(error).splitlines()[0]}")
+                continue
             log(f"[memory] {config.label:<36} peak RSS {memory[config.key]['peak_rss_bytes'] / 2**20:8.1f} MiB")
     rows = []
     for config in configs:
