@@ -664,7 +664,8 @@ def check_targets(rows: list[dict], block_size: int, slack: int = 0) -> list[dic
     for row in rows:
         if row["method"] == "full" or row["vs_full"]["prefill_kv_bytes"] is None:
             continue
-        limit = (row["budget"] + slack + block_size) / row["length"]
+        bound = EvictionConfig(budget=row["budget"], method=row["method"], block_size=block_size, slack=slack)
+        limit = bound.steady_entries() / row["length"]  # the cache's own bound: budget + slack + block
         value = row["vs_full"]["prefill_kv_bytes"]
         targets.append(dict(
             target="prefill peak KV <= (budget+slack+block)/L of full", length=row["length"], budget=row["budget"],
@@ -742,9 +743,10 @@ def break_even(rows: list[dict]) -> dict[tuple[str, int], int | None]:
         if any(ratio is None for _, ratio in points):
             continue
         found[(method, budget)] = None
-        for length, _ in reversed(points):
-            if all(ratio <= 1.0 for l2, ratio in points if l2 >= length):
-                found[(method, budget)] = length
+        for length, ratio in reversed(points):  # from the longest down, while no slower than the full cache
+            if ratio > 1.0:
+                break
+            found[(method, budget)] = length
     return found
 
 
