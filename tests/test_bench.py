@@ -174,3 +174,55 @@ def test_a_memory_worker_that_runs_too_long_keeps_the_timings(tmp_path, capsys, 
     assert "not measured: memory worker for" in capsys.readouterr().err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["peak_rss_bytes"] is None and r["prefill_s"] > 0 for r in rows)
+
+
+def test_a_stopped_bench_resumes_from_its_journal(tmp_path, capsys, monkeypatch):
+    """Every measurement is journalled as it is made: a run stopped after three measurements, run again, makes only
+    the others, reports how many it reused, and removes the journal once its results are written."""
+    extra = ("--lengths", "160", "--decode-tokens", "2", "--methods", "full,streaming,tova", "--repeats", "2")
+    made = []
+    real_run_once = bench.run_once
+
+    def stopping_run_once(*args, **kwargs):
+        if len(made) == 3 + 3:  # a warm-up per method, then three measurements
+            raise KeyboardInterrupt  # the session ends
+        made.append(args[2].key)
+        return real_run_once(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_once", stopping_run_once)
+    journal = tmp_path / "bench.partial.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(_args(tmp_path, *extra))
+    assert not (tmp_path / "bench.json").exists()
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert "settings" in lines[0] and len(lines) == 1 + 3  # the header, then the 3 runs (the warm-up is not kept)
+    kept = {(tuple(e["run"]), e["round"]): e["prefill_s"] for e in lines[1:]}
+    # a line cut by the kill is dropped, the rest kept
+    journal.write_text(journal.read_text() + '{"run": [160, null, "fu')
+
+    made.clear()
+    monkeypatch.setattr(bench, "run_once", lambda *a, **k: (made.append(a[2].key), real_run_once(*a, **k))[1])
+    assert bench.run(_args(tmp_path, *extra)) == 0
+    captured = capsys.readouterr()
+    assert "[journal] resuming" in captured.err and "3 timed run(s)" in captured.err
+    assert "NOTE: resumed from a journal: 3 timed run(s)" in captured.out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["resumed"] == {"runs": 3, "memory": 0}
+    assert len(made) == 3 + 3  # the warm-up of each method, then the 6 - 3 runs not yet made
+    for row in results["rows"]:
+        key = (row["length"], row["budget"], row["method"])
+        assert len(row["prefill_s_all"]) == 2
+        for round_index in (0, 1):
+            if (key, round_index) in kept:  # the journalled measurement itself, not a new one
+                assert kept[(key, round_index)] in row["prefill_s_all"]
+    assert not journal.exists()
+
+
+def test_a_journal_of_other_settings_is_refused_and_kept(tmp_path):
+    journal = tmp_path / "bench.partial.jsonl"
+    journal.write_text(json.dumps({"settings": {"lengths": [999]}}) + "\n")
+    before = journal.read_bytes()
+    with pytest.raises(ValueError, match=r"bench\.partial\.jsonl: a bench journal written with other settings "
+                                         r"\(.*lengths.*\); rerun with the same settings"):
+        bench.run(_args(tmp_path, "--lengths", "160", "--methods", "full"))
+    assert journal.read_bytes() == before

@@ -10,6 +10,7 @@ from caote.eval.needle import (
     depth_grid,
     format_prompt,
     make_needle_samples,
+    needle_for_cell,
     needle_prefix_recovered,
     needle_recovered,
 )
@@ -63,12 +64,25 @@ def test_prompt_layout(grid):
         assert "<|im_start|>user" in s.prompt and "<|im_start|>assistant" in s.prompt
 
 
-def test_needles_distinct_within_grid(grid):
+def test_needles_vary_over_the_grid(grid):
     answers = [s.answer for s in grid]
-    keys = [s.key for s in grid]
-    assert len(set(answers)) == len(answers)
-    assert len(set(keys)) == len(keys)
+    assert len(set(answers)) == len(answers)  # 14 draws of 9e6 values (a collision is allowed, not expected)
+    assert len({s.key for s in grid}) > 1
     assert all(len(a) == 7 and a.isdigit() for a in answers)
+    assert all(s.needle == f" The special magic number for {s.key} is: {s.answer}." for s in grid)
+
+
+def test_a_cells_needle_does_not_depend_on_the_rest_of_the_grid(tokenizer, grid):
+    """The defect this guards against: needles drawn in grid order gave the cell (2000, 0.75) another needle when
+    the depths were asked in another order or with others beside them, so results of two grids compared
+    different needles under one cell name."""
+    by_cell = {(s.context_length, s.depth): s for s in grid}
+    for lengths, depths in (([4000], [0.75, 0.1]), ([2000], [0.9]), ([4000, 2000], [1.0, 0.25])):
+        for s in make_needle_samples(tokenizer, lengths, depths, seed=0):
+            assert s == by_cell[(s.context_length, s.depth)]
+            assert (s.key, s.answer) == needle_for_cell(0, s.context_length, s.depth)
+    assert needle_for_cell(0, 2000, 0.5) == needle_for_cell(0, 2000.0, 0.50)  # the same cell however it is typed
+    assert needle_for_cell(0, 2000, 0.5) != needle_for_cell(0, 4000, 0.5) != needle_for_cell(0, 4000, 0.25)
 
 
 def test_deterministic_and_seed_dependent(tokenizer, grid):

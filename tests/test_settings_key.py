@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import caote
 from caote import hf
 from caote.eval import cli, report, runner
+from caote.eval.needle import needle_for_cell, needle_id
 from caote.policy import PAPER_METHODS
 from conftest import tiny_llama
 
@@ -181,6 +182,25 @@ def test_generation_settings_compute_new_cells(big_vocab_model, tokenizer, tmp_p
     assert runner.run_tasks(big_vocab_model, tokenizer, **tasks, max_new_tokens=2, chat=False)["computed"] == 1
 
 
+def test_a_needle_cell_is_keyed_by_its_needle_not_by_its_grid(big_vocab_model, tokenizer, tmp_path):
+    """A needle cell is found done whatever grid it was computed in, and never from a record of another needle
+    (needles drawn in grid order made one (length, depth) cell test different needles in different grids)."""
+    grid = {"methods": ["full"], "budgets": [], "lengths": [256], "out": tmp_path, "progress": False,
+            "block_size": 64, "max_new_tokens": 2}
+    assert runner.run_niah(big_vocab_model, tokenizer, depths=[0.25, 0.75], **grid)["computed"] == 2
+    assert runner.run_niah(big_vocab_model, tokenizer, depths=[0.75], **grid)["computed"] == 0
+    assert runner.run_niah(big_vocab_model, tokenizer, depths=[0.75, 0.5, 0.25], **grid)["computed"] == 1
+    path = tmp_path / "niah.jsonl"
+    records = _lines(path)
+    assert [r["needle"] for r in records] == [needle_id(*needle_for_cell(0, 256, d)) for d in (0.25, 0.75, 0.5)]
+    assert [r["expected"] for r in records] == [r["needle"].split(": ")[1] for r in records]
+    # a record of the same cell with another needle (as a grid-order draw gave) is not this cell's result
+    other = {**records[0], "needle": "Oslo: 1234567", "expected": "1234567"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (other, *records[1:])))
+    assert runner.run_niah(big_vocab_model, tokenizer, depths=[0.25], **grid)["computed"] == 1
+    assert _lines(path)[:3] == [other, *records[1:]]  # nothing already written is lost
+
+
 # ----------------------------------------------------------------------------------------------
 # legacy records
 
@@ -223,8 +243,9 @@ def test_committed_records_have_one_settings_combination_per_file():
     expected = {"model": "SmolLM2-135M-Instruct", "model_fingerprint": runner.LEGACY_MODEL_FINGERPRINTS[
         "SmolLM2-135M-Instruct"], "dtype": "float32", "device": "cpu", "protocol": "bounded", "block_size": 128,
         "options": {}, "seed": 0, "data": None, "caote_version": "0.1.0"}
-    for name, extra in (("ppl", {"max_new_tokens": None, "chat": None}), ("niah", {"max_new_tokens": 24, "chat": True}),
-                        ("tasks", {"max_new_tokens": 48, "chat": True})):
+    # (the needle records were all written again when needles became a function of their cell: none is legacy)
+    assert all("model_fingerprint" in r for r in _lines(RESULTS / "niah.jsonl"))
+    for name, extra in (("ppl", {"max_new_tokens": None, "chat": None}), ("tasks", {"max_new_tokens": 48, "chat": True})):
         # the records written before cells were keyed by their settings (later ones carry them and may differ)
         legacy_ids = {r["run_id"] for r in _lines(RESULTS / f"{name}.jsonl") if "model_fingerprint" not in r}
         records = [r for r in runner.load_records(RESULTS / f"{name}.jsonl") if r["run_id"] in legacy_ids]
@@ -248,8 +269,10 @@ def test_rerunning_the_committed_commands_skips_every_cell(smollm2, tmp_path, mo
     parser = argparse.ArgumentParser(prog="caote")
     cli.add_parsers(parser.add_subparsers(dest="command"))
     # the commands committed before cells were keyed by their settings (their records are backfilled); later runs
-    # record --device and may be partial grids still being filled
-    runs = [run for run in _lines(RESULTS / "runs.jsonl") if "device" not in run.get("settings", {})]
+    # record --device and may be partial grids still being filled. The legacy needle runs drew their needles in
+    # grid order; their records were replaced (docs/decisions.md 12), so running them again computes new cells.
+    runs = [run for run in _lines(RESULTS / "runs.jsonl")
+            if "device" not in run.get("settings", {}) and run["eval"] != "niah"]
     assert runs
     for run in runs:
         argv = list(run["argv"][1:])

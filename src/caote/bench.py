@@ -36,6 +36,10 @@ Figures per configuration:
   freed memory stays mapped in the allocator: in one process a later configuration would reuse the pages of an
   earlier one and show no growth.
 
+Every measurement is appended to ``OUT``'s stem + ``.partial.jsonl`` as it is made (:class:`BenchJournal`): a
+run stopped before it wrote ``--out`` resumes from there when the same command is run again (the report says how
+many measurements it reused); the journal is removed once the results are written.
+
 ``--sweep`` (issue 13): the same measurements over prompt lengths (default 1k..8k, capped by the model's maximum
 positions) for ``full`` and budgeted methods; adds the time per prefill token, the log-log slopes of prefill time,
 peak stored KV bytes and peak RSS against the length (:func:`sweep_summary`: 1 = linear, 0 = flat) and one PNG per
@@ -464,8 +468,62 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def run_bench(settings: BenchSettings, log=print) -> dict:
-    """Measure every configuration; return the results dict (rows, targets, settings)."""
+class BenchJournal:
+    """Every measurement of a bench run, appended to a JSON-lines file as soon as it is made, so that a run that is
+    stopped (a session's end, a crash) resumes where it stopped instead of starting over.
+
+    The first line holds the run's settings; later lines are one timed run (``{"run": [length, budget, method],
+    "round": r, ...Run fields}``) or one memory measurement (``{"memory": [...], ...}``, ``"error"`` when the
+    worker failed). A journal written with other settings is refused, never mixed in or overwritten. Resumed
+    measurements were made in an earlier process under that machine's load of the time: the report says how many.
+    """
+
+    def __init__(self, path: str | Path, settings: BenchSettings):
+        self.path = Path(path)
+        self.runs: dict[tuple, Run] = {}
+        self.memory: dict[tuple, dict] = {}
+        header = {"settings": asdict(settings)}
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append(header)
+            return
+        entries = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line, cut by a kill: everything before it is kept
+                break
+        if not entries or entries[0] != header:
+            was = entries[0].get("settings", {}) if entries and isinstance(entries[0], dict) else {}
+            differ = sorted(k for k in header["settings"] if was.get(k) != header["settings"][k]) or ["its header"]
+            raise ValueError(f"{self.path}: a bench journal written with other settings ({', '.join(differ)}); "
+                             f"rerun with the same settings to resume it, or move it away to start over")
+        for entry in entries[1:]:
+            if "run" in entry:
+                key = tuple(entry["run"])
+                self.runs[(key, entry["round"])] = Run(**{k: v for k, v in entry.items() if k not in ("run", "round")})
+            elif "memory" in entry:
+                self.memory[tuple(entry["memory"])] = {k: v for k, v in entry.items() if k != "memory"}
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")  # without a cut line
+
+    def _append(self, entry: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def add_run(self, key: tuple, round_index: int, run: Run) -> None:
+        self.runs[(key, round_index)] = run
+        self._append({"run": list(key), "round": round_index, **asdict(run)})
+
+    def add_memory(self, key: tuple, memory: dict) -> None:
+        self.memory[key] = memory
+        self._append({"memory": list(key), **memory})
+
+
+def run_bench(settings: BenchSettings, log=print, journal: str | Path | None = None) -> dict:
+    """Measure every configuration; return the results dict (rows, targets, settings).
+
+    With ``journal`` (a path, :class:`BenchJournal`) every measurement is appended there as it is made and the
+    measurements already there are reused instead of being made again."""
     check_settings(settings)
     torch.set_num_threads(settings.threads)
     configs = build_configs(settings)
@@ -473,6 +531,12 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         raise ValueError(f"no configuration to run: every budget ({', '.join(map(str, settings.budgets))}) is >= "
                          f"every prompt length ({', '.join(map(str, settings.lengths))}); lower --budgets or raise "
                          f"--lengths")
+    book = BenchJournal(journal, settings) if journal is not None else None
+    done_runs = dict(book.runs) if book else {}
+    done_memory = dict(book.memory) if book else {}
+    if done_runs or done_memory:
+        log(f"[journal] resuming {book.path}: {len(done_runs)} timed run(s) and {len(done_memory)} memory "
+            f"measurement(s) already made")
     wall_start = time.perf_counter()
     model, tokenizer = load_bench_model(settings.model, settings.device)
     if settings.sweep:
@@ -492,14 +556,23 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         for round_index in range(settings.repeats):
             offset = round_index % len(configs)
             for config in configs[offset:] + configs[:offset]:
+                if (config.key, round_index) in done_runs:
+                    runs[config.key].append(done_runs[(config.key, round_index)])
+                    continue
                 run = run_once(model, prompts[config.length], config, settings.block_size, settings.decode_tokens,
                                timer)
                 runs[config.key].append(run)
+                if book:
+                    book.add_run(config.key, round_index, run)
                 log(f"[{round_index + 1}/{settings.repeats}] {config.label:<36} prefill {run.prefill_s:7.3f} s  "
                     f"decode {run.decode_tokens / run.decode_s:7.1f} tok/s  evict {run.evict_prefill_s:6.3f} s")
     memory = {}
     if settings.memory == "subprocess":
         for config in configs:
+            if config.key in done_memory:
+                if "error" not in done_memory[config.key]:
+                    memory[config.key] = done_memory[config.key]
+                continue
             longest = max(r.prefill_s + r.decode_s for r in runs[config.key])
             try:
                 memory[config.key] = measure_memory(
@@ -507,7 +580,11 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
                     timeout=max(MEMORY_CHILD_TIMEOUT_S, MEMORY_CHILD_SLOWDOWN * longest), device=settings.device)
             except RuntimeError as error:  # the timings already measured are kept; this row has no RSS
                 log(f"[memory] {config.label:<36} not measured: {str(error).splitlines()[0]}")
+                if book:
+                    book.add_memory(config.key, {"error": str(error).splitlines()[0]})
                 continue
+            if book:
+                book.add_memory(config.key, memory[config.key])
             log(f"[memory] {config.label:<36} peak RSS {memory[config.key]['peak_rss_bytes'] / 2**20:8.1f} MiB")
     rows = []
     for config in configs:
@@ -541,6 +618,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         "rows": rows,
         "targets": check_targets(rows, settings.block_size, int(settings.options.get("slack", 0))),
         "wall_s": time.perf_counter() - wall_start,
+        "resumed": {"runs": len(done_runs), "memory": len(done_memory)},
     }
     if settings.sweep:
         results["sweep"] = sweep_summary(rows)
@@ -821,6 +899,11 @@ def report(results: dict, strict: bool = False) -> str:
             "before it.")
     noisy = (f"\nWARNING: median of {s['repeats']} round(s): ratios are noisy below 3 repeats (--repeats 3 or "
              f"more for figures you compare).\n" if s["repeats"] < 3 else "")
+    resumed = results.get("resumed") or {}
+    if resumed.get("runs") or resumed.get("memory"):
+        noisy += (f"\nNOTE: resumed from a journal: {resumed['runs']} timed run(s) and {resumed['memory']} memory "
+                  f"measurement(s) were made by an earlier process (wall time counts this process only); ratios "
+                  f"mix the two processes' machine load.\n")
     sweep = f"\n{sweep_text(results['sweep'])}\n" if "sweep" in results else ""
     return f"{head}\n{noisy}\n{markdown_table(results)}\n\n{targets_text(results, strict)}\n{sweep}"
 
@@ -870,7 +953,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="check the speed and memory targets: print PASS/FAIL for each and exit with status 1 when "
                         "one fails (without it they are only stored in the JSON results)")
     p.add_argument("--out", type=Path, default=Path("bench-results/bench.json"),
-                   help="JSON results (default bench-results/bench.json); the markdown report goes next to it (.md)")
+                   help="JSON results (default bench-results/bench.json); the markdown report goes next to it (.md). "
+                        "Until both are written every measurement is also kept in OUT's stem + .partial.jsonl: "
+                        "the same command run again resumes from it")
     return p
 
 
@@ -901,6 +986,11 @@ def settings_from_args(args) -> BenchSettings:
     )
 
 
+def journal_path(out: Path) -> Path:
+    """Where ``caote bench --out OUT`` journals its measurements until ``OUT`` is written (:class:`BenchJournal`)."""
+    return out.with_name(out.stem + ".partial.jsonl")
+
+
 def run(args) -> int:
     """``caote bench``: measure, print the report, write ``--out`` (JSON) and its ``.md``; with ``--strict``, exit
     status 1 when a target fails."""
@@ -910,16 +1000,18 @@ def run(args) -> int:
     if settings.repeats < 3:
         print(f"caote: warning: --repeats {settings.repeats}: ratios between configurations are noisy with fewer "
               f"than 3 repeats; use --repeats 3 or more for figures you compare", file=sys.stderr, flush=True)
-    results = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    journal = journal_path(out)
+    results = run_bench(settings, log=lambda line: print(line, file=sys.stderr, flush=True), journal=journal)
     text = report(results, strict=strict)
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "sweep" in results:
         results["sweep"]["plots"] = write_sweep_plots(results["sweep"], out)
         print("sweep plots: " + ", ".join(results["sweep"]["plots"]))
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(text, encoding="utf-8")
+    journal.unlink(missing_ok=True)  # the results are written: nothing left to resume
     print(f"results: {out} and {out.with_suffix('.md')}")
     failed = any(not t["passed"] for t in results["targets"])
     return 1 if failed and strict else 0

@@ -4,8 +4,8 @@ Every sample hides its own random fact, RULER style::
 
     The special magic number for <city> is: <7-digit number>.
 
-so a model cannot answer from prior knowledge, and one sample's needle can never be the answer of
-another. Samples are built with :func:`caote.texts.insert_needle`, which cuts the haystack, places the
+so a model cannot answer from prior knowledge. A cell's needle is drawn from the seed and the cell's own
+(length, depth) (:func:`needle_for_cell`), so it does not depend on the rest of the grid. Samples are built with :func:`caote.texts.insert_needle`, which cuts the haystack, places the
 needle at the requested depth (moved back to the previous sentence end) and returns the context.
 
 Lengths and positions, all in tokens of the given tokenizer:
@@ -189,20 +189,20 @@ def haystack_prefix(tokenizer, haystack: str, min_tokens: int) -> str:
         n_chars *= 2
 
 
-def _needle_values(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """``n`` (city, 7-digit number) pairs with distinct numbers; cities distinct while the list lasts.
+def needle_for_cell(seed: int, context_length: int, depth: float) -> tuple[str, str]:
+    """The (city, 7-digit number) hidden in the cell ``(context_length, depth)`` of the grid drawn with ``seed``.
 
-    Cell ``i`` gets the same pair whatever ``n`` is, so a smaller grid is a prefix of a larger one."""
-    cities = rng.sample(CITIES, len(CITIES))
-    value_rng = random.Random(rng.getrandbits(64))
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    while len(pairs) < n:
-        v = str(value_rng.randint(1_000_000, 9_999_999))
-        if v not in seen:
-            seen.add(v)
-            pairs.append((cities[len(pairs) % len(cities)], v))
-    return pairs
+    Drawn from the cell's own coordinates, never from its place in a grid: the same cell gets the same needle
+    whatever other lengths and depths are asked for and in whatever order, so methods run on different grids are
+    compared on the same needles and a resumed run never meets a needle another grid drew there. (Two cells may
+    share a city or a number; each prompt holds only its own needle.)"""
+    rng = random.Random(f"caote-needle:{int(seed)}:{int(context_length)}:{float(depth)!r}")
+    return rng.choice(CITIES), str(rng.randint(1_000_000, 9_999_999))
+
+
+def needle_id(key: str, value: str) -> str:
+    """How a record names its needle (part of its cell's key, :data:`caote.eval.runner.GRID_FIELDS`)."""
+    return f"{key}: {value}"
 
 
 def make_needle_sample(
@@ -271,18 +271,18 @@ def make_needle_samples(
     chat: bool | None = None,
     answer_prefix: bool = True,
 ) -> list[NeedleSample]:
-    """The grid ``lengths x depths`` (lengths outer), one sample per cell, each with its own needle.
+    """The grid ``lengths x depths`` (lengths outer), one sample per cell, each with its own needle
+    (:func:`needle_for_cell`: a function of the seed and the cell alone).
 
     ``lengths`` are prompt lengths in tokens; ``depths`` fractions in [0, 1]. Deterministic for a seed.
     """
-    rng = random.Random(seed)
-    cells = [(int(L), float(d)) for L in lengths for d in depths]
-    pairs = _needle_values(rng, len(cells))
     return [
         make_needle_sample(
-            tokenizer, L, d, key, value, haystack=haystack, chat=chat, answer_prefix=answer_prefix
+            tokenizer, int(L), float(d), *needle_for_cell(seed, L, d), haystack=haystack, chat=chat,
+            answer_prefix=answer_prefix,
         )
-        for (L, d), (key, value) in zip(cells, pairs)
+        for L in lengths
+        for d in depths
     ]
 
 
@@ -305,6 +305,8 @@ __all__ = [
     "haystack_prefix",
     "make_needle_sample",
     "make_needle_samples",
+    "needle_for_cell",
+    "needle_id",
     "needle_recovered",
     "token_index_of_char",
     "wrap_chat",

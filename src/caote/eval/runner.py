@@ -12,7 +12,8 @@ Cells are data (:class:`Cell`: its key and a picklable :class:`CellSpec` such as
 :class:`caote.eval.distributed.RayExecutor` on the workers of a Ray cluster, each with its own model; either way
 the records are appended in the grid's order.
 
-A cell's key (:data:`KEY_FIELDS`) is its grid position (eval, method, budget, length, task, sample) plus every
+A cell's key (:data:`KEY_FIELDS`) is its grid position (eval, method, budget, length, task, sample; for a needle
+cell also the needle it hides, so a cell never matches a record of another needle) plus every
 setting that changes its result (:data:`SETTING_FIELDS`, a :class:`RunSettings`): the model's name and a
 fingerprint of its files (:func:`model_fingerprint`), dtype, device, block size, the eviction options, the
 generation length, the seed, the chat template, the protocol, your own data file (its name and the sha256 of its
@@ -68,8 +69,9 @@ EVALS = ("ppl", "niah", "tasks", "squad")
 SETTING_FIELDS = ("model", "model_fingerprint", "dtype", "device", "protocol", "block_size", "options",
                   "max_new_tokens", "seed", "chat", "data", "caote_version")
 """Settings that change a cell's result (:class:`RunSettings`); records that differ in one are never pooled."""
-GRID_FIELDS = ("eval", "method", "budget", "length", "task", "sample")
-"""A cell's position in the grid of one run."""
+GRID_FIELDS = ("eval", "method", "budget", "length", "task", "sample", "needle")
+"""A cell's position in the grid of one run, and what it tests where a position does not say it (``needle``: the
+needle hidden in a ``niah`` cell, :func:`caote.eval.needle.needle_id`; None elsewhere)."""
 KEY_FIELDS = GRID_FIELDS[:1] + SETTING_FIELDS + GRID_FIELDS[1:]
 """Fields that identify a cell; a record whose key is already in the file is not recomputed."""
 
@@ -570,10 +572,11 @@ class RunContext:
         """This context for cells computed on another data file (:attr:`RunSettings.data`)."""
         return dataclasses.replace(self, settings=dataclasses.replace(self.settings, data=data))
 
-    def key(self, eval_name: str, method: str, budget: int | None, length: int | None, sample, task=None) -> dict:
+    def key(self, eval_name: str, method: str, budget: int | None, length: int | None, sample, task=None,
+            needle: str | None = None) -> dict:
         """A cell's full key: eval, every setting, then its grid position."""
         return {"eval": eval_name, **self.settings.key(), "method": method, "budget": budget, "length": length,
-                "task": task, "sample": sample}
+                "task": task, "sample": sample, "needle": needle}
 
 
 def _context(out, model, run_id, progress, *, block_size: int, seed: int, options: Mapping | None,
@@ -1031,14 +1034,15 @@ def run_niah(
     """Needle recall of every method x budget over lengths x depths; records go to ``<out>/niah.jsonl``.
 
     ``depths`` is a list of fractions or a count (:func:`caote.eval.needle.depth_grid`). The sample id is
-    the depth; each (length, depth) cell has its own needle, the same for every method and budget.
+    the depth; each (length, depth) cell has its own needle, the same for every method and budget and whatever the
+    rest of the grid (:func:`caote.eval.needle.needle_for_cell`), and named in the cell's key.
     ``options``, ``protocol``, ``max_new_tokens``, ``seed`` and ``chat`` are keyed (see :func:`run_ppl`).
     ``haystack_file`` (a UTF-8 file, or a :class:`~caote.validation.DataFile`) hides the needle in your text
     instead of the essays; it is keyed (name and sha256), and a text shorter than the longest length is refused
     before any cell runs (it is never repeated).
     """
     from caote.eval import owndata
-    from caote.eval.needle import depth_grid, make_needle_samples
+    from caote.eval.needle import depth_grid, make_needle_samples, needle_for_cell, needle_id
 
     _check_protocol(protocol, GENERATION_PROTOCOLS, "niah")
     data = None
@@ -1057,24 +1061,20 @@ def run_niah(
     cells = []
     for length in lengths:
         length = int(length)
-        keys = [(ctx.key("niah", m, b, length, d), m, b, d) for m, b in pairs for d in depth_list]
+        needles = {d: needle_id(*needle_for_cell(seed, length, d)) for d in depth_list}
+        keys = [(ctx.key("niah", m, b, length, d, needle=needles[d]), m, b, d) for m, b in pairs for d in depth_list]
         if all(store.done(k) for k, *_ in keys):
             cells.extend(Cell(k) for k, *_ in keys)  # all done: do not even build the samples
             continue
-        # a per-length seed: a cell's needle does not depend on which other lengths are asked for
         samples = {
             (s.context_length, s.depth): s
-            for s in make_needle_samples(tokenizer, [length], depth_list, seed=_length_seed(seed, length),
-                                         chat=ctx.settings.chat, haystack=data.text if data else None)
+            for s in make_needle_samples(tokenizer, [length], depth_list, seed=seed, chat=ctx.settings.chat,
+                                         haystack=data.text if data else None)
         }
         for key, method, budget, depth in keys:
             cells.append(Cell(key, NeedleCell(samples[(length, depth)],
                                               _generation(ctx, method, budget, max_new_tokens), source)))
     return _run_cells(ctx, "niah", cells, "niah", _executor(model, tokenizer, executor))
-
-
-def _length_seed(seed: int, length: int) -> int:
-    return seed * 1_000_003 + length
 
 
 # ----------------------------------------------------------------------------------------------
