@@ -5,8 +5,9 @@ Every sample hides its own random fact, RULER style::
     The special magic number for <city> is: <7-digit number>.
 
 so a model cannot answer from prior knowledge. A cell's needle is drawn from the seed and the cell's own
-(length, depth) (:func:`needle_for_cell`), so it does not depend on the rest of the grid. Samples are built with :func:`caote.texts.insert_needle`, which cuts the haystack, places the
-needle at the requested depth (moved back to the previous sentence end) and returns the context.
+(length, depth) (:func:`needle_for_cell`), so it does not depend on the rest of the grid. Samples are built
+with :func:`caote.texts.insert_needle`, which cuts the haystack, places the needle at the requested depth
+(moved back to the previous sentence end) and returns the context.
 
 Lengths and positions, all in tokens of the given tokenizer:
 
