@@ -55,10 +55,11 @@ def caote_scores(attn: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor
     batch, heads, group, q_len, n = attn.shape
     flat_attn = attn.reshape(batch, heads, group * q_len, n)
     flat_out = outputs.reshape(batch, heads, group * q_len, -1)
-    # the pairs with a > 1/2: at most one per query row, so the row maxima find them (no mask over all pairs)
-    peak = flat_attn.amax(dim=-1)
+    # the pairs with a > 1/2: at most one per query row, so the row maxima and where they are find them in one
+    # pass (no mask over all pairs, no second pass over the rows to find the entry)
+    peak, peak_at = flat_attn.max(dim=-1)
     b, h, row = (peak > 0.5).nonzero(as_tuple=True)
-    j = flat_attn[b, h, row].argmax(-1)
+    j = peak_at[b, h, row]
     small = torch.rsub(flat_attn, 1.0)
     small = torch.div(flat_attn, small, out=small).square_()
     small[b, h, row, j] = 0.0  # a ≤ 1/2 everywhere else: no clamp needed
