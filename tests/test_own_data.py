@@ -184,7 +184,7 @@ def test_ppl_text_file_is_keyed_by_content(model, tokenizer, tmp_path):
     assert runner.run_ppl(model, tokenizer, **{**grid, "samples": 1})["computed"] == 2  # the books: not the file's
     # the report never pools two files (nor a file and the books)
     groups = report.settings_groups(runner.load_records(out / "ppl.jsonl"))
-    assert sorted(label for label, _ in groups) == sorted(f"data={k}" for k in (old_key, _key(text), None))
+    assert sorted(label for label, _ in groups) == sorted([f"data={old_key}", f"data={_key(text)}", "data=built-in"])
     md = report.summary_lines("ppl", runner.load_records(out / "ppl.jsonl"))
     assert f"#### length 64 tokens — perplexity (2 samples) [data={old_key}]" in md
 

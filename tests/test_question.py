@@ -118,3 +118,65 @@ def test_continuation_keeps_its_own_entries_after_the_compression(tiny_model):
         hf.forward(tiny_model, ids[:, 60:], cache)
     assert cache.stored_tokens == 50 and cache.seen_tokens == 90
     assert all(layer.positions[0, 0, -30:].tolist() == list(range(60, 90)) for layer in cache.layers)
+
+
+def _quotas(monkeypatch) -> list[int]:
+    """Record the spans' quota of every question-aware eviction."""
+    seen = []
+    real = question.shared_spans
+
+    def spy(ranking, quota, *args):
+        seen.append(quota)
+        return real(ranking, quota, *args)
+
+    monkeypatch.setattr(question, "shared_spans", spy)
+    return seen
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_protect_question_gives_the_recent_window_to_the_spans_and_keeps_the_question(tiny_model, monkeypatch,
+                                                                                        protect):
+    """``protect_question``: blocks before the question protect no recent entry (the spans' quota is ``budget -
+    sinks``), the block that holds the question protects the question whole (quota ``budget - sinks - M``); without
+    it every block protects the method's recent window."""
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
+    budget, block, m, sinks, window = 48, 16, 10, 4, 8
+    cache = EvictingCache(tiny_model, budget=budget, method="snapkv+caote", block_size=block, sink_tokens=sinks,
+                          snapkv_window=window, protect_question=protect)
+    quotas = _quotas(monkeypatch)
+    prefill(tiny_model, ids, cache, block, question_ids=ids[:, -m:], question_settings=QuestionAware(quota=1.0))
+    assert cache.stored_tokens == budget and cache.peak_stored_tokens <= budget + block + m
+    blocks = -(-300 // block)
+    early = budget - sinks if protect else budget - sinks - window
+    last = budget - sinks - m if protect else early
+    assert quotas[-1] == last and set(quotas[:-1]) == {early} and len(quotas) == blocks - 3  # full after 3 blocks
+    question_positions = torch.arange(300 - m, 300)
+    for layer in cache.evicting_layers:
+        assert layer.question_start is None  # decoding protects the recent window again
+        for head in layer.positions[0]:
+            assert torch.isin(torch.arange(sinks), head).all()
+            assert torch.isin(question_positions, head).all() or not protect
+
+
+def test_protected_positions_follow_the_question_while_it_is_set(tiny_model):
+    cache = EvictingCache(tiny_model, budget=20, method="snapkv", block_size=8, snapkv_window=6, sink_tokens=2)
+    layer = cache.evicting_layers[0]
+    positions = torch.arange(40)
+    assert layer.protected_positions(positions, 40).nonzero().flatten().tolist() == [0, 1, *range(34, 40)]
+    layer.question_start = 45  # the question is not read yet: no stored entry is protected as recent
+    assert layer.protected_positions(positions, 40).nonzero().flatten().tolist() == [0, 1]
+    layer.question_start = 30
+    assert layer.protected_positions(positions, 40).nonzero().flatten().tolist() == [0, 1, *range(30, 40)]
+
+
+def test_protect_question_is_refused_without_the_question_or_when_it_does_not_fit(tiny_model):
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
+    cache = EvictingCache(tiny_model, budget=32, method="snapkv+caote", block_size=16, protect_question=True)
+    with pytest.raises(ValueError, match="protect_question protects the prompt's question"):
+        prefill(tiny_model, ids, cache, 16)
+    cache = EvictingCache(tiny_model, budget=32, method="snapkv+caote", block_size=16, protect_question=True,
+                          sink_tokens=20)
+    with pytest.raises(ValueError, match="question's 16 tokens and sink_tokens=20 do not fit in budget=32"):
+        prefill(tiny_model, ids, cache, 16, question_ids=ids[:, -16:])
+    with pytest.raises(ValueError, match="protect_question must be true or false"):
+        EvictingCache(tiny_model, budget=32, method="snapkv", protect_question=2)

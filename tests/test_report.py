@@ -154,6 +154,17 @@ def test_report_names_every_setting_that_differs():
     assert settings_groups([_keyed("h2o", 64, 12.0), _keyed("tova", 64, 12.0)])[0][0] == ""  # one combination
 
 
+def test_built_in_data_is_labelled_and_left_out_of_plot_names():
+    """Records on the built-in texts beside records on a user's file: the built-in group is labelled as such and
+    keeps the plot names it had before the file's records came (as default options do)."""
+    from caote.eval.report import _slug, settings_groups
+
+    groups = settings_groups([_keyed("h2o", 64, 12.0), _keyed("h2o", 64, 12.0, data="emma.txt sha256:0123")])
+    assert [label for label, _ in groups] == ["data=built-in", "data=emma.txt sha256:0123"]
+    assert [_slug(label) for label, _ in groups] == ["", "_data-emma.txt-sha256-0123"]
+    assert _slug("block_size=128, options(default), data=built-in") == "_block_size-128"
+
+
 def test_report_separates_legacy_records_by_their_runs_settings(tmp_path):
     """Records without settings get them from runs.jsonl: two runs with different seeds stay apart."""
     import json

@@ -61,6 +61,10 @@ def test_options_are_checked_and_normalised():
     assert list(runner.normalize_options({"sink_tokens": 2, "recent_window": 4})) == ["recent_window", "sink_tokens"]
     with pytest.raises(ValueError, match="unknown eviction option.*sinks.*valid: sink_tokens"):
         runner.normalize_options({"sinks": 2})
+    # a yes/no option is keyed as a boolean however it was spelled
+    assert runner.normalize_options({"protect_question": 1}) == runner.normalize_options({"protect_question": True})
+    assert runner.normalize_options({"protect_question": True}) == {"protect_question": True}
+    assert runner.normalize_options({"protect_question": 0}) == {}
 
 
 def test_fingerprint_follows_the_weights_not_the_folder(tmp_path):
@@ -148,6 +152,8 @@ def test_options_reach_the_cache(tmp_path, windows):
     assert sinks["nll"] != pytest.approx(plain["nll"], rel=1e-6)  # a different cache, a different result
     with pytest.raises(ValueError):  # refused before any cell runs
         runner.run_ppl(model, None, **grid, options={"sink_tokens": 64})
+    with pytest.raises(ValueError, match="add --question-aware"):  # an option of the question-aware mode
+        runner.run_ppl(model, None, **grid, options={"protect_question": True})
     assert len(_lines(tmp_path / "ppl.jsonl")) == 2
 
 

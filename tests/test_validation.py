@@ -370,6 +370,7 @@ def test_bench_targets_only_with_strict_and_repeats_warning(capsys, tmp_path):
     (["eval", "tasks", "--option", "sinks"], "expected NAME=VALUE"),
     (["eval", "ppl", "--methods", "snapkv+adaptive", "--option", "head_floor=3"], "head_floor must be a number in [0, 1]"),
     (["eval", "ppl", "--methods", "h2o", "--option", "recent_window=0"], "recent_window=0 evicts each new token"),
+    (["eval", "niah", "--option", "protect_question=maybe"], "protect_question is true or false (1 or 0)"),
 ])
 def test_eval_options_are_checked_before_loading(capsys, no_loading, argv, message):
     _one_line_error(capsys, argv, message)
@@ -378,3 +379,5 @@ def test_eval_options_are_checked_before_loading(capsys, no_loading, argv, messa
 def test_option_parses_numbers():
     assert validation.check_option("head_floor=0.5") == ("head_floor", 0.5)
     assert validation.check_option("sink-tokens=4") == ("sink_tokens", 4)
+    assert validation.check_option("protect_question=1") == ("protect_question", True)
+    assert validation.check_option("protect-question=False") == ("protect_question", False)

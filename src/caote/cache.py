@@ -239,12 +239,23 @@ class EvictingCache(Cache):
         """Question-aware step (:mod:`caote.question`), after a block read with ``start_block(True)``: run the
         question ``(B, M)`` at the positions it will have at the end of the prompt (``final_position − M + 1 ..
         final_position``) through the cache, fuse the layers' rankings of the probe's attention, keep the best spans
-        in every layer, drop the probe's entries and evict what the block scored."""
+        in every layer, drop the probe's entries and evict what the block scored. With ``protect_question`` the
+        question's positions are the protected recent window of this eviction (:meth:`EvictingLayer.recent_start`)."""
+        cfg = self.config
+        question_start = final_position - question_ids.shape[1] + 1
+        if cfg.protect_question and cfg.sink_tokens + question_ids.shape[1] > cfg.budget:
+            raise ValueError(f"protect_question: the question's {question_ids.shape[1]} tokens and sink_tokens="
+                             f"{cfg.sink_tokens} do not fit in budget={cfg.budget}; raise the budget, shorten the "
+                             "question or protect fewer sinks")
+        for layer in self.evicting_layers:
+            layer.question_start = question_start if cfg.protect_question else None
+            layer.question_read = True
         if any(layer.pending is not None for layer in self.evicting_layers):
             self._share_spans(settings, self._probe(model, question_ids, final_position))
         for layer in self.evicting_layers:
             layer.defer = False
             layer.evict_pending()
+            layer.question_start = None
 
     def _probe(self, model, probe_ids: torch.Tensor, final_position: int) -> torch.Tensor:
         """Run ``probe_ids`` ``(B, M)`` at positions ``final_position − M + 1 .. final_position`` through the cache and
@@ -281,7 +292,8 @@ class EvictingCache(Cache):
             candidate[:, : self._centers.shape[-1]] |= self._centers
         ranking = ranking.masked_fill(~candidate, -1.0)
         cfg = self.config
-        quota = min(int(settings.quota * cfg.budget), cfg.budget - cfg.sink_tokens - cfg.recent_window)
+        recent = max(seen - layers[0].recent_start(seen), 0)  # the protected recent window's positions
+        quota = min(int(settings.quota * cfg.budget), cfg.budget - cfg.sink_tokens - recent)
         spans, centers = question.shared_spans(ranking, max(quota, 0), settings.span_before, settings.span_after,
                                                settings.sinks)
         self._centers, self._spans_seen = centers, seen

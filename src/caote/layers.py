@@ -144,6 +144,11 @@ class EvictingLayer(CacheLayerMixin):
         self.pending: tuple[StepView, torch.Tensor] | None = None
         self.kept_spans: torch.Tensor | None = None
         """``(B, seen)`` bool: positions every layer keeps (question-aware shared spans); ``None`` = none."""
+        self.question_start: int | None = None
+        """Question-aware mode with ``protect_question``, while a block's eviction is decided: the first position of
+        the prompt's question, protected instead of the recent window (:meth:`recent_start`); ``None`` otherwise."""
+        self.question_read = False
+        """Whether a question-aware prefill block was read (``protect_question`` refuses eviction without one)."""
 
     # ----------------------------------------------------------------------------------------- storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -306,6 +311,11 @@ class EvictingLayer(CacheLayerMixin):
             add_attention_mass(self._attention_sum[:, :, : self.stored], weights)
         if not cfg.must_evict(self.stored):
             return
+        if cfg.protect_question and not (self.defer or self.question_read):
+            raise ValueError("protect_question protects the prompt's question in the question-aware mode, but this "
+                             "cache evicts a prompt read without its question: use generate(..., question=..., "
+                             "question_aware=True) or caote.generation.prefill(..., question_ids=...), or drop the "
+                             "option")
         if cfg.spec.output_space:
             self._fill_output_factors(module, self._keys.shape[1])
         view = StepView(
@@ -435,7 +445,13 @@ class EvictingLayer(CacheLayerMixin):
         """Which of the tokens at ``positions`` (any shape) no policy may evict when ``seen`` tokens were seen: the
         first ``sink_tokens`` and the last ``recent_window`` (never padding)."""
         cfg = self.config
-        return (positions != PADDING) & ((positions < cfg.sink_tokens) | (positions >= seen - cfg.recent_window))
+        return (positions != PADDING) & ((positions < cfg.sink_tokens) | (positions >= self.recent_start(seen)))
+
+    def recent_start(self, seen: int) -> int:
+        """The first position of the protected recent window when ``seen`` tokens were seen: ``seen -
+        recent_window``, or, while a question-aware block with ``protect_question`` is evicted, the question's
+        first position (before the block that holds it, no stored entry is that recent)."""
+        return self.question_start if self.question_start is not None else seen - self.config.recent_window
 
     def evict(self, dropped: torch.Tensor) -> None:
         """Drop the entries at slots ``dropped`` ``(B, H_kv, n)`` of each KV head (``n >= stored - budget``; more with
@@ -483,6 +499,7 @@ class EvictingLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = self.peak_stored = self.evicted = self.capacity = self.probe_len = 0
         self.defer, self.question_scores, self.pending, self.kept_spans = False, None, None, None
+        self.question_start, self.question_read = None, False
         self.row_seen = self._step_valid = None
         self._keys = self._values = self._positions = self._attention_sum = None
         self.keys = self.values = None

@@ -35,6 +35,11 @@ class EvictionConfig:
             ``budget + slack + block_size`` entries (:meth:`steady_entries`). 0 (default) = evict after every step
             (the paper's schedule, method.md §1); prefill blocks longer than ``slack`` evict after every block as
             before.
+        protect_question: question-aware mode only (:mod:`caote.question`): while the prompt is read, protect the
+            prompt's question (its tail, which the probe repeats) instead of the most recent ``recent_window``
+            positions. Blocks before the question then protect no recent entries and the shared spans get them
+            (quota ``budget - sink_tokens`` instead of ``budget - sink_tokens - recent_window``); the block that
+            holds the question keeps it whole. Decoding protects ``recent_window`` as usual. docs/decisions.md 14 (l).
     """
 
     budget: int | None
@@ -49,6 +54,7 @@ class EvictionConfig:
     head_floor: float = 0.2
     chunk_size: int = 16
     slack: int = 0
+    protect_question: bool = False
     spec: MethodSpec = field(init=False, repr=False, compare=False)
     base: str = field(init=False)
     correction: str | None = field(init=False)
@@ -61,6 +67,9 @@ class EvictionConfig:
         object.__setattr__(self, "correction", spec.correction.name if spec.correction else None)
         if not _is_positive_int(self.block_size):
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.protect_question not in (True, False):  # 0 and 1 too (a command line's numbers)
+            raise ValueError(f"protect_question must be true or false (1 or 0), got {self.protect_question!r}")
+        object.__setattr__(self, "protect_question", bool(self.protect_question))
         if not spec.base.evicts:
             return
         if not _is_positive_int(self.budget):

@@ -238,21 +238,28 @@ def check_methods(value: str | Sequence[str], name: str = "methods") -> list[str
     return out
 
 
-def check_option(text: str, name: str = "--option") -> tuple[str, int | float]:
+def check_option(text: str, name: str = "--option") -> tuple[str, int | float | bool]:
     """``NAME=VALUE``: an :class:`~caote.policy.EvictionConfig` option (``head_floor=0.5``, ``sink_tokens=4``) with a
-    number as its value; the option's own checks run when the configuration is built."""
+    number as its value, or for a yes/no option (``protect_question``) ``true``/``false``/``1``/``0``; the option's
+    own checks run when the configuration is built."""
     import dataclasses
 
     from caote.policy import EvictionConfig
 
-    valid = [f.name for f in dataclasses.fields(EvictionConfig) if f.init and f.name not in ("budget", "method",
-                                                                                            "block_size")]
+    fields = {f.name: f for f in dataclasses.fields(EvictionConfig) if f.init and f.name not in ("budget", "method",
+                                                                                                  "block_size")}
+    valid = list(fields)
     key, sep, value = str(text).partition("=")
     key = key.strip().replace("-", "_")
     if not sep or key not in valid:
         hint = suggest(key, valid) if sep else ""
         raise ValueError(f"{name} {text!r}: expected NAME=VALUE with NAME one of {', '.join(valid)}"
                          f"{';' + hint if hint else ''} (e.g. {name} head_floor=0.5)")
+    if isinstance(fields[key].default, bool):
+        flag = BOOLEAN_WORDS.get(value.strip().lower())
+        if flag is None:
+            raise ValueError(f"{name} {text!r}: {key} is true or false (1 or 0)")
+        return key, flag
     number = _parse_int(value)
     if number is None:
         try:
@@ -260,6 +267,10 @@ def check_option(text: str, name: str = "--option") -> tuple[str, int | float]:
         except ValueError:
             raise ValueError(f"{name} {text!r}: the value must be a number") from None
     return key, number
+
+
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+"""Spellings of a yes/no option's value on the command line."""
 
 
 # ------------------------------------------------------------------------------------------------ dtypes

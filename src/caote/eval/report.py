@@ -102,6 +102,8 @@ def _setting_text(name: str, value) -> str:
     if name == "options":
         items = ", ".join(f"{k}={v}" for k, v in sorted((value or {}).items())) if isinstance(value, dict) else value
         return f"options({items or 'default'})"
+    if name == "data" and value is None:
+        return BUILT_IN_DATA
     return f"{name}={value}"
 
 
@@ -138,10 +140,15 @@ def _suffix(label: str) -> str:
     return f" [{label}]" if label else ""
 
 
+BUILT_IN_DATA = "data=built-in"
+"""The label of records computed on the built-in texts and tasks (``data`` null: no file of the user's)."""
+
+
 def _slug(label: str) -> str:
     """File-name suffix of a settings label (``"block_size=64"`` -> ``"_block_size-64"``). Default eviction options
-    are left out of file names, so that a run with an option leaves the other groups' plot names as they were."""
-    label = ", ".join(part for part in label.split(", ") if part != "options(default)")
+    and the built-in data are left out of file names, so that a run with an option or a data file leaves the other
+    groups' plot names as they were."""
+    label = ", ".join(part for part in label.split(", ") if part not in ("options(default)", BUILT_IN_DATA))
     return "_" + re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-") if label else ""
 
 

@@ -299,7 +299,8 @@ def normalize_options(options: Mapping | None) -> dict:
     unknown = sorted(set(options or {}) - set(defaults))
     if unknown:
         raise ValueError(f"unknown eviction option(s) {', '.join(unknown)}; valid: {', '.join(defaults)}")
-    return {k: v for k, v in sorted((options or {}).items()) if v != defaults[k]}
+    typed = {k: bool(v) if isinstance(defaults[k], bool) and v in (0, 1) else v for k, v in (options or {}).items()}
+    return {k: v for k, v in sorted(typed.items()) if v != defaults[k]}
 
 
 def _effective_chat(tokenizer, chat: bool | None) -> bool | None:
@@ -590,7 +591,11 @@ def _context(out, model, run_id, progress, *, block_size: int, seed: int, option
 
 
 def _check_options(ctx: RunContext, pairs: Sequence[tuple[str, int | None]]) -> None:
-    """Fail before any cell runs when a method refuses the options (or the block size) at some budget."""
+    """Fail before any cell runs when a method refuses the options (or the block size) at some budget, or an option
+    needs the question-aware protocol the run does not use."""
+    if ctx.options.get("protect_question") and not ctx.question_aware:
+        raise ValueError("--option protect_question protects the prompt's question in the question-aware mode; add "
+                         "--question-aware (or drop the option)")
     for method, budget in pairs:
         EvictionConfig(budget=budget, method=method, block_size=ctx.block_size, **ctx.options)
 
