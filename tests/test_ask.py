@@ -77,6 +77,27 @@ def test_ask_long_file_evicts_and_labels_question_aware(capsys, tmp_path, loaded
     assert 0 < share < 20
 
 
+def test_ask_options_reach_the_cache(capsys, tmp_path, loaded, monkeypatch):
+    """``--option`` on ``caote ask`` is an eviction option of its cache (the instruction kept with sink_tokens, the
+    question protected in the question-aware mode)."""
+    import caote.generation
+
+    configs = []
+    real = caote.generation.EvictingCache
+
+    def spy(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        configs.append(cache.config)
+        return cache
+
+    monkeypatch.setattr(caote.generation, "EvictingCache", spy)
+    out = _ask(capsys, "--text-file", str(_write(tmp_path, LONG)), "--question", "Was the lamp lit?", "--budget",
+               "64", "--block-size", "32", "--max-new-tokens", "2", "--question-aware", "--option", "sink_tokens=8",
+               "--option", "protect_question=true")
+    assert "question-aware" in out
+    assert configs[-1].sink_tokens == 8 and configs[-1].protect_question
+
+
 def test_ask_budget_as_share_of_the_prompt(capsys, tmp_path, loaded):
     out = _ask(capsys, "--text-file", str(_write(tmp_path, LONG)), "--question", "Was the lamp lit?",
                "--budget", "12.5%", "--max-new-tokens", "2")
@@ -137,6 +158,9 @@ def test_bad_files_and_arguments_are_one_line_before_loading(capsys, tmp_path, n
     _one_line_error(capsys, ["ask", "--text-file", path, *q, "--budget", "0"], "--budget must be a positive integer")
     _one_line_error(capsys, ["ask", "--text-file", path, *q, "--max-new-tokens", "-5"], "--max-new-tokens")
     _one_line_error(capsys, ["ask", "--text-file", path, *q, "--method", "snapkv+cate"], "did you mean")
+    _one_line_error(capsys, ["ask", "--text-file", path, *q, "--option", "sinks=4"], "did you mean 'sink_tokens'?")
+    _one_line_error(capsys, ["ask", "--text-file", path, *q, "--option", "protect_question=true"],
+                    "protect_question protects the prompt's question", "--question-aware")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from caote import EvictingCache, hf, question
 from caote.eval.runner import continuation_nll
-from caote.generation import prefill
+from caote.generation import generate, prefill
 from caote.question import QuestionAware
 
 
@@ -169,7 +169,8 @@ def test_protected_positions_follow_the_question_while_it_is_set(tiny_model):
     assert layer.protected_positions(positions, 40).nonzero().flatten().tolist() == [0, 1, *range(30, 40)]
 
 
-def test_protect_question_is_refused_without_the_question_or_when_it_does_not_fit(tiny_model):
+def test_protect_question_is_refused_without_the_question_or_when_it_does_not_fit(tiny_model,
+                                                                                  tiny_with_tokenizer):
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
     cache = EvictingCache(tiny_model, budget=32, method="snapkv+caote", block_size=16, protect_question=True)
     with pytest.raises(ValueError, match="protect_question protects the prompt's question"):
@@ -178,5 +179,8 @@ def test_protect_question_is_refused_without_the_question_or_when_it_does_not_fi
                           sink_tokens=20)
     with pytest.raises(ValueError, match="question's 16 tokens and sink_tokens=20 do not fit in budget=32"):
         prefill(tiny_model, ids, cache, 16, question_ids=ids[:, -16:])
+    with pytest.raises(ValueError, match="protect_question protects the prompt's question.*turn it on"):
+        generate(tiny_with_tokenizer[0], tiny_with_tokenizer[1], "a long text " * 40, budget=32, block_size=16,
+                 protect_question=True, max_new_tokens=1)
     with pytest.raises(ValueError, match="protect_question must be true or false"):
         EvictingCache(tiny_model, budget=32, method="snapkv", protect_question=2)

@@ -152,7 +152,7 @@ def test_options_reach_the_cache(tmp_path, windows):
     assert sinks["nll"] != pytest.approx(plain["nll"], rel=1e-6)  # a different cache, a different result
     with pytest.raises(ValueError):  # refused before any cell runs
         runner.run_ppl(model, None, **grid, options={"sink_tokens": 64})
-    with pytest.raises(ValueError, match="add --question-aware"):  # an option of the question-aware mode
+    with pytest.raises(ValueError, match="turn it on"):  # an option of the question-aware mode
         runner.run_ppl(model, None, **grid, options={"protect_question": True})
     assert len(_lines(tmp_path / "ppl.jsonl")) == 2
 

@@ -28,6 +28,7 @@ from caote.validation import (
     check_fraction,
     check_method,
     check_model,
+    check_option,
     check_results_folder,
     dtype_arg,
     one_line,
@@ -116,6 +117,9 @@ def _ask_parser(sub) -> None:
                    help="tokens generated at most (default 64)")
     p.add_argument("--block-size", type=positive_int_arg("--block-size", 128), default=128,
                    help="prompt tokens per prefill block (default 128)")
+    p.add_argument("--option", action="append", default=[], type=arg_type(check_option), metavar="NAME=VALUE",
+                   help="an eviction option, repeatable (e.g. --option sink_tokens=64 to keep an instruction at "
+                        "the text's head; --option protect_question=true with --question-aware)")
     _model_arguments(p)
 
 
@@ -132,13 +136,16 @@ def _load(args):
 
 def run_ask(args) -> int:
     from caote.ask import ask, eviction_line, kv_line, layers_line, mode_label, read_text_file, time_line
+    from caote.generation import check_question_options
 
     text = read_text_file(args.text_file, "--text-file")  # before the model loads
+    options = dict(args.option)
+    check_question_options(options, args.question_aware)
     model, tokenizer = _load(args)
     print("answer      ", end="", flush=True)
     result = ask(model, tokenizer, text, args.question, budget=args.budget, method=args.method,
                  question_aware=args.question_aware, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                 stream=lambda piece: print(piece, end="", flush=True), progress=True)
+                 stream=lambda piece: print(piece, end="", flush=True), progress=True, **options)
     print()
     budget = "no budget" if result.budget is None else (
         f"budget {result.budget} entries per {'global ' if result.window_layers else ''}layer and KV head"

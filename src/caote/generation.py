@@ -285,6 +285,7 @@ def generate(
     lengths = [ids.shape[1] for ids in prompts]
     budget = resolve_budget(budget, max(lengths))
     settings = question_aware if isinstance(question_aware, QuestionAware) else (QuestionAware() if question_aware else None)
+    check_question_options(options, settings is not None)
     if settings is not None and not question_len:
         raise ValueError("question_aware needs the question: pass question= (text prompt) or question_tokens=")
     if any(ids.shape[0] != 1 for ids in prompts):
@@ -335,6 +336,13 @@ def generate(
         extra={} if attention_mask is None else {"batch_rows": len(prompts), "row": row},
     ) for row, (new_ids, length) in enumerate(zip(rows, lengths))]
     return results if isinstance(prompt, (list, tuple)) else results[0]
+
+
+def check_question_options(options: dict, question_aware: bool) -> None:
+    """Refuse eviction options that belong to the question-aware mode when it is off (``protect_question``)."""
+    if options.get("protect_question") and not question_aware:
+        raise ValueError("protect_question protects the prompt's question in the question-aware mode: turn it on "
+                         "(question_aware=True, --question-aware) or drop the option")
 
 
 def _prompt_ids(tokenizer, prompt: str | torch.Tensor, chat: bool) -> torch.Tensor:

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from caote import hf
 from caote.cache import EvictingCache
-from caote.generation import generate
+from caote.generation import check_question_options, generate
 from caote.policy import METHODS, EvictionConfig, parse_method
 from caote.validation import DataFile, QAFile
 
@@ -593,9 +593,7 @@ def _context(out, model, run_id, progress, *, block_size: int, seed: int, option
 def _check_options(ctx: RunContext, pairs: Sequence[tuple[str, int | None]]) -> None:
     """Fail before any cell runs when a method refuses the options (or the block size) at some budget, or an option
     needs the question-aware protocol the run does not use."""
-    if ctx.options.get("protect_question") and not ctx.question_aware:
-        raise ValueError("--option protect_question protects the prompt's question in the question-aware mode; add "
-                         "--question-aware (or drop the option)")
+    check_question_options(ctx.options, ctx.question_aware)
     for method, budget in pairs:
         EvictionConfig(budget=budget, method=method, block_size=ctx.block_size, **ctx.options)
 
