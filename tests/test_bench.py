@@ -226,3 +226,32 @@ def test_a_journal_of_other_settings_is_refused_and_kept(tmp_path):
                                          r"\(.*lengths.*\); rerun with the same settings"):
         bench.run(_args(tmp_path, "--lengths", "160", "--methods", "full"))
     assert journal.read_bytes() == before
+
+
+def _profile_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_eviction.py"
+    spec = importlib.util.spec_from_file_location("profile_eviction", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_kinds_split_the_profiled_region_exactly():
+    """scripts/profile_eviction.py's summary: the kinds of op and the time outside ops add up to the region's time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    script = _profile_script()
+    x, w = torch.randn(64, 96), torch.randn(96, 128)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("prefill"):
+            for _ in range(5):
+                logits = torch.mm(x, w)
+                torch.softmax(logits, dim=-1).add_(1.0)
+    kinds = script.op_kinds(prof)
+    region = next(e for e in prof.key_averages() if e.key == "prefill").cpu_time_total / 1e6
+    assert set(kinds) == {"linear layers", "attention kernels", "other ops", "outside ops"}
+    assert kinds["linear layers"] > 0 and kinds["attention kernels"] > 0 and kinds["other ops"] > 0  # mm, softmax, add_
+    assert sum(kinds.values()) == pytest.approx(region, rel=1e-6)

@@ -135,6 +135,29 @@ def test_caote_never_evicts_the_token_holding_all_attention():
     assert meta[0] == float("inf") and not torch.isnan(meta).any()
 
 
+@SETTINGS
+@given(
+    group=st.integers(1, 3), q_len=st.integers(1, 6), n=st.integers(2, 40), d=st.integers(1, 16),
+    seed=st.integers(0, 10_000), sharpness=st.floats(0.5, 12.0),
+)
+def test_caote_direct_and_expanded_forms_agree(group, q_len, n, d, seed, sharpness):
+    """The two ways caote_scores computes the same error (directly up to DIRECT_ROWS rows, expanded beyond) give the
+    same scores on the same rows, peaks above 1/2, masked zeros and the never-evicted a -> 1 entries included."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 2, group, q_len, n, generator=gen) * sharpness
+    logits[..., 0, -1] = -math.inf  # a masked entry for the first query (weight 0)
+    weights = torch.softmax(logits, dim=-1)
+    values = torch.randn(2, 2, n, d, generator=gen)
+    outputs = weights @ values.unsqueeze(2)
+    direct = scores._direct_caote_scores(weights, values, outputs, scores.EPS)
+    expanded = scores._expanded_caote_scores(weights, values, outputs, scores.EPS)
+    assert torch.equal(torch.isinf(direct), torch.isinf(expanded))
+    finite = torch.isfinite(direct)
+    assert torch.allclose(direct[finite], expanded[finite], rtol=1e-3, atol=1e-5)
+    public = scores.caote_scores(weights, values, outputs)
+    assert torch.equal(public, direct if group * q_len <= scores.DIRECT_ROWS else expanded)
+
+
 def _random_attention(b, h, g, q, n, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.softmax(torch.randn(b, h, g, q, n, generator=gen) * 3, dim=-1)
