@@ -42,13 +42,14 @@ OP_KINDS = {
 attention itself (SDPA's kernel; the float32 eager attention's products and softmax)."""
 
 
-def op_kinds(prof) -> dict[str, float]:
-    """Seconds of self CPU time per kind of op (:data:`OP_KINDS`), "other ops", and "outside ops": the profiled
-    region's wall time not spent in any op (Python, the framework's dispatch; the profiler's own overhead included)."""
+def op_kinds(prof, region_name: str) -> dict[str, float]:
+    """Seconds of self CPU time per kind of op (:data:`OP_KINDS`), "other ops", and "outside ops": the wall time of
+    the profiled region ``region_name`` (its ``record_function``) not spent in any op (Python, the framework's
+    dispatch; the profiler's own overhead included)."""
     seconds = dict.fromkeys([*OP_KINDS, "other ops"], 0.0)
     region = 0.0
     for event in prof.key_averages():
-        if event.key in ("prefill", "decode"):
+        if event.key == region_name:
             region = event.cpu_time_total / 1e6
             continue
         kind = next((k for k, names in OP_KINDS.items() if event.key in names), "other ops")
@@ -128,7 +129,7 @@ def main() -> None:
                 else:
                     _decode(model, cache, logits[:, -1].argmax(-1), args.tokens)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40)
-        rows.append((method, statistics.median(times), sum(times), evict_s, table, op_kinds(prof)))
+        rows.append((method, statistics.median(times), sum(times), evict_s, table, op_kinds(prof, phase)))
         del cache
         print(f"{method} done", file=sys.stderr, flush=True)
     if args.prefill:

@@ -250,7 +250,7 @@ def test_profile_kinds_split_the_profiled_region_exactly():
             for _ in range(5):
                 logits = torch.mm(x, w)
                 torch.softmax(logits, dim=-1).add_(1.0)
-    kinds = script.op_kinds(prof)
+    kinds = script.op_kinds(prof, "prefill")
     region = next(e for e in prof.key_averages() if e.key == "prefill").cpu_time_total / 1e6
     assert set(kinds) == {"linear layers", "attention kernels", "other ops", "outside ops"}
     assert kinds["linear layers"] > 0 and kinds["attention kernels"] > 0 and kinds["other ops"] > 0  # mm, softmax, add_

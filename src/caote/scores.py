@@ -41,8 +41,9 @@ DIRECT_ROWS = 4
 """Up to this many query rows per KV head (``G · Q``) :func:`caote_scores` computes every ``‖X − v_j‖`` directly:
 the one row a ``+caote`` correction re-scores (method.md §3), or one decode query of a group of three. There the
 ``(G·Q) × N × D`` differences are small and the direct form is a few ops against the expanded form's ~20 (768
-entries, D = 64, one thread: one row 93 µs against 386 µs, three rows 229 against 371, four 312 against 370); from
-five or six rows on the expanded form is as fast, and it never materialises the differences."""
+entries, D = 64, one thread: one row 101 µs against 402 µs, four 302 against 358; ``python
+scripts/bench_caote_scores.py``, results/bench/caote_scores_direct_vs_expanded.md); at six rows the two are even,
+from eight on the expanded form is faster, and it never materialises the differences."""
 
 
 def caote_scores(attn: torch.Tensor, values: torch.Tensor, outputs: torch.Tensor, eps: float = EPS) -> torch.Tensor:

@@ -248,12 +248,11 @@ def check_option(text: str, name: str = "--option") -> tuple[str, int | float | 
 
     fields = {f.name: f for f in dataclasses.fields(EvictionConfig) if f.init and f.name not in ("budget", "method",
                                                                                                   "block_size")}
-    valid = list(fields)
     key, sep, value = str(text).partition("=")
     key = key.strip().replace("-", "_")
-    if not sep or key not in valid:
-        hint = suggest(key, valid) if sep else ""
-        raise ValueError(f"{name} {text!r}: expected NAME=VALUE with NAME one of {', '.join(valid)}"
+    if not sep or key not in fields:
+        hint = suggest(key, list(fields)) if sep else ""
+        raise ValueError(f"{name} {text!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}"
                          f"{';' + hint if hint else ''} (e.g. {name} head_floor=0.5)")
     if isinstance(fields[key].default, bool):
         flag = BOOLEAN_WORDS.get(value.strip().lower())
